@@ -1,0 +1,705 @@
+//! Approval flow (R5, R6, design §3): queue requests, decide them exactly once, apply
+//! them exactly once under a per-database lock, and drive stuck requests to a final
+//! state after a crash.
+//!
+//! States: requested -> approved -> applied | failed; requested -> denied | expired.
+//! Every transition is a conditional UPDATE; the terminal event is unique per request.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use serde_json::json;
+use tracing::{Instrument, info, warn};
+use uuid::Uuid;
+
+use crate::{
+    admin::{AdminClient, EnsureOutcome},
+    audit::Audit,
+    domain::{
+        Action, ApprovalMode, ApprovalRequest, ApprovalState, CallContext, LifecycleOutcome,
+    },
+    error::ServiceError,
+    ownership::{OwnedCall, Plan},
+    policy::Policy,
+    repository::{InsertOutcome, NewRequest, Repository},
+};
+
+/// Test-only fault injection: the process aborts (as a crash would) at a named step.
+/// Enabled only through the `fault_points` configuration key.
+pub const FAULT_POINTS: [&str; 4] = ["after_claim", "after_create", "after_drop", "before_finalize"];
+
+const SYSTEM_ACTOR: &str = "db-lifecycle";
+const SYSTEM_KIND: &str = "system";
+/// How long an Approve waits for another apply of the same database to finish.
+const APPLY_LOCK_TIMEOUT: &str = "30s";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Approve,
+    Deny,
+}
+
+#[derive(Clone)]
+pub struct Approvals {
+    repo: Repository,
+    admin: AdminClient,
+    policy: Arc<Policy>,
+    audit: Audit,
+    request_ttl: Duration,
+    faults: Arc<BTreeSet<String>>,
+}
+
+/// What an apply did on the target cluster.
+enum Effect {
+    Created { already_existed: bool },
+    Dropped { already_gone: bool },
+}
+
+impl Approvals {
+    pub fn new(
+        repo: Repository,
+        admin: AdminClient,
+        policy: Arc<Policy>,
+        audit: Audit,
+        request_ttl: Duration,
+        faults: BTreeSet<String>,
+    ) -> Self {
+        Self {
+            repo,
+            admin,
+            policy,
+            audit,
+            request_ttl,
+            faults: Arc::new(faults),
+        }
+    }
+
+    fn fault(&self, point: &str) {
+        if self.faults.contains(point) {
+            // Flush nothing, clean up nothing: this simulates SIGKILL mid-apply.
+            eprintln!("fault point `{point}` reached: aborting (test-only setting)");
+            std::process::abort();
+        }
+    }
+
+    /// Handle a create/delete that passed policy and ownership.
+    pub async fn submit(
+        &self,
+        ctx: &CallContext,
+        owned: OwnedCall,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let call = &owned.call;
+        let name = call.database.name.to_string();
+        let base_event = || {
+            let mut ev = Audit::event(ctx, "");
+            ev.project_id = call.project_id.clone();
+            ev.environment = call.environment.clone();
+            ev.database_name = name.clone();
+            ev
+        };
+        let own_outcome = |status: &'static str, message: String| LifecycleOutcome {
+            status,
+            request: None,
+            action: call.action,
+            environment: call.environment.clone(),
+            database_name: name.clone(),
+            project_id: call.project_id.clone(),
+            applied: false,
+            exists: owned.exists,
+            owned_by_project: owned.ownership.is_some(),
+            owner_project_id: owned
+                .ownership
+                .as_ref()
+                .map(|o| o.project_id.clone())
+                .unwrap_or_default(),
+            registered_environment: owned
+                .ownership
+                .as_ref()
+                .map(|o| o.environment.clone())
+                .unwrap_or_default(),
+            dry_run: call.dry_run,
+            message,
+            facts: None,
+        };
+
+        if owned.plan == Plan::AlreadyPresent {
+            let message = format!(
+                "database `{name}` already exists and is owned by project `{}`; nothing to do",
+                call.project_id
+            );
+            let mut ev = base_event();
+            ev.event_type = "database.unchanged";
+            ev.message = message.clone();
+            ev.payload = json!({ "dry_run": call.dry_run });
+            self.audit.record(&ev).await?;
+            self.audit
+                .link(&ctx.correlation_id, None, &call.project_id, &call.environment, &call.database.target, &name)
+                .await?;
+            return Ok(own_outcome("unchanged", message));
+        }
+
+        // An identical open request is returned; any other open request conflicts.
+        let open = self
+            .repo
+            .open_request_for(&call.database.target, &name)
+            .await?;
+        if let Some(open) = open.filter(|o| o.expires_at > chrono::Utc::now()) {
+            return self.reuse_or_conflict(ctx, &owned, open).await;
+        }
+
+        if call.dry_run {
+            let message = match call.approval_mode {
+                ApprovalMode::None => format!(
+                    "dry run: all checks passed; `{}` of `{name}` would be applied at once (approval mode none)",
+                    call.action
+                ),
+                mode => format!(
+                    "dry run: all checks passed; a `{}` request for `{name}` would be queued for approval (mode {})",
+                    call.action,
+                    mode.as_str()
+                ),
+            };
+            let mut ev = base_event();
+            ev.event_type = "dry_run.checked";
+            ev.message = message.clone();
+            ev.payload = json!({ "action": call.action, "approval_mode": call.approval_mode.as_str() });
+            self.audit.record(&ev).await?;
+            return Ok(own_outcome("dry_run", message));
+        }
+
+        let id = Uuid::now_v7();
+        let immediate = call.approval_mode == ApprovalMode::None;
+        let new = NewRequest {
+            id,
+            correlation_id: ctx.correlation_id.clone(),
+            action: call.action,
+            state: if immediate {
+                ApprovalState::Approved
+            } else {
+                ApprovalState::Requested
+            },
+            environment: call.environment.clone(),
+            target_cluster: call.database.target.clone(),
+            database_name: name.clone(),
+            project_id: call.project_id.clone(),
+            requested_by: ctx.principal.id.clone(),
+            requested_by_kind: ctx.principal.kind.as_str().to_string(),
+            approval_mode: call.approval_mode,
+            payload: json!({
+                "action": call.action,
+                "environment": call.environment,
+                "database_name": name,
+                "project_id": call.project_id,
+                "target_cluster": call.database.target,
+                "requested_by": ctx.principal.id,
+            }),
+            decided_by: immediate.then(|| "policy:none".to_string()),
+            ttl_seconds: self.request_ttl.as_secs().max(1) as i64,
+        };
+        let mut created = base_event();
+        created.event_type = "request.created";
+        created.request_id = Some(id);
+        created.message = format!(
+            "{} of `{name}` requested by `{}` (approval mode {})",
+            call.action,
+            ctx.principal.id,
+            call.approval_mode.as_str()
+        );
+        created.payload = json!({
+            "action": call.action,
+            "approval_mode": call.approval_mode.as_str(),
+            "target_cluster": call.database.target,
+            "database_existed": owned.exists,
+        });
+        let mut events = vec![created];
+        if immediate {
+            let mut approved = base_event();
+            approved.event_type = "request.approved";
+            approved.request_id = Some(id);
+            approved.actor_id = "policy:none".into();
+            approved.actor_kind = SYSTEM_KIND.into();
+            approved.message = "approval mode none: approved at once".into();
+            events.push(approved);
+        }
+
+        match self.repo.insert_request(&new, &events).await? {
+            InsertOutcome::OpenExists(open) => self.reuse_or_conflict(ctx, &owned, open).await,
+            InsertOutcome::Inserted(req) if immediate => {
+                info!(request_id = %req.id, action = %req.action, database = %req.database_name, "request approved at once (mode none); applying");
+                self.apply(req, true).await
+            }
+            InsertOutcome::Inserted(req) => {
+                info!(request_id = %req.id, action = %req.action, database = %req.database_name, "request queued for approval");
+                let message = format!(
+                    "{} request {} for `{name}` queued; it needs approval by {} of project `{}` (not the requester)",
+                    req.action,
+                    req.id,
+                    match req.approval_mode {
+                        ApprovalMode::Delegated => "an owner or delegate",
+                        _ => "an owner",
+                    },
+                    req.project_id
+                );
+                let mut out = LifecycleOutcome::for_request(&req, "approval_required", message);
+                out.exists = owned.exists;
+                out.owned_by_project = owned.ownership.is_some();
+                out.owner_project_id = out
+                    .owned_by_project
+                    .then(|| req.project_id.clone())
+                    .unwrap_or_default();
+                Ok(out)
+            }
+        }
+    }
+
+    async fn reuse_or_conflict(
+        &self,
+        ctx: &CallContext,
+        owned: &OwnedCall,
+        open: ApprovalRequest,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let call = &owned.call;
+        let identical = open.action == call.action
+            && open.project_id == call.project_id
+            && open.environment == call.environment;
+        if !identical {
+            return Err(ServiceError::OpenRequestExists {
+                name: call.database.name.to_string(),
+                request_id: open.id,
+                action: open.action.to_string(),
+                state: open.state.to_string(),
+            });
+        }
+        if !call.dry_run {
+            let mut ev = Audit::request_event(
+                &open,
+                "request.repeated",
+                &ctx.principal.id,
+                ctx.principal.kind.as_str(),
+            );
+            ev.message = format!(
+                "identical {} call returned the open request (call correlation id {})",
+                call.action, ctx.correlation_id
+            );
+            ev.payload = json!({ "call_correlation_id": ctx.correlation_id });
+            self.audit.record(&ev).await?;
+            self.audit
+                .link(
+                    &ctx.correlation_id,
+                    Some(open.id),
+                    &open.project_id,
+                    &open.environment,
+                    &open.target_cluster,
+                    &open.database_name,
+                )
+                .await?;
+        }
+        let status = if open.state == ApprovalState::Requested {
+            "approval_required"
+        } else {
+            "in_progress"
+        };
+        let message = format!(
+            "an identical {} request {} is already open ({}); returning it",
+            open.action, open.id, open.state
+        );
+        let mut out = LifecycleOutcome::for_request(&open, status, message);
+        out.dry_run = call.dry_run;
+        Ok(out)
+    }
+
+    /// Approve or deny a request (the decider was checked by policy).
+    pub async fn decide(
+        &self,
+        ctx: &CallContext,
+        req: ApprovalRequest,
+        decision: Decision,
+        reason: &str,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        self.audit
+            .link(
+                &ctx.correlation_id,
+                Some(req.id),
+                &req.project_id,
+                &req.environment,
+                &req.target_cluster,
+                &req.database_name,
+            )
+            .await?;
+        let (event_type, verb) = match decision {
+            Decision::Approve => ("request.approved", "approved"),
+            Decision::Deny => ("request.denied", "denied"),
+        };
+        let mut ev = Audit::request_event(
+            &req,
+            event_type,
+            &ctx.principal.id,
+            ctx.principal.kind.as_str(),
+        );
+        ev.message = if reason.is_empty() {
+            format!("{verb} by `{}`", ctx.principal.id)
+        } else {
+            format!("{verb} by `{}`: {reason}", ctx.principal.id)
+        };
+        ev.payload = json!({ "decision_correlation_id": ctx.correlation_id, "reason": reason });
+
+        let decided = match decision {
+            Decision::Approve => {
+                self.repo
+                    .claim_for_apply(req.id, &ctx.principal.id, reason, ev)
+                    .await?
+            }
+            Decision::Deny => self.repo.deny(req.id, &ctx.principal.id, reason, ev).await?,
+        };
+        match (decided, decision) {
+            (Some(claimed), Decision::Approve) => {
+                info!(request_id = %claimed.id, approver = %ctx.principal.id, "request approved; applying");
+                self.apply(claimed, true).await
+            }
+            (Some(denied), Decision::Deny) => {
+                info!(request_id = %denied.id, approver = %ctx.principal.id, "request denied");
+                Ok(LifecycleOutcome::for_request(
+                    &denied,
+                    "denied",
+                    format!("request {} denied; nothing was changed", denied.id),
+                ))
+            }
+            (None, _) => self.decided_elsewhere(req.id, decision).await,
+        }
+    }
+
+    /// The conditional UPDATE did not match: report the state the request is in,
+    /// or refuse a decision that contradicts it.
+    async fn decided_elsewhere(
+        &self,
+        id: Uuid,
+        decision: Decision,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let mut current = self
+            .repo
+            .get_request(id)
+            .await?
+            .ok_or_else(|| ServiceError::RequestNotFound {
+                request_id: id.to_string(),
+            })?;
+        if current.state == ApprovalState::Requested {
+            // Only an expired request fails the claim while still `requested`.
+            self.repo.expire_due().await?;
+            current.state = ApprovalState::Expired;
+        }
+        let final_err = |hint: &str| ServiceError::RequestFinal {
+            request_id: id,
+            state: current.state.to_string(),
+            hint: hint.to_string(),
+        };
+        match (current.state, decision) {
+            (ApprovalState::Applied, Decision::Approve) => Ok(LifecycleOutcome::for_request(
+                &current,
+                "applied",
+                format!("request {id} was already approved and applied"),
+            )),
+            (ApprovalState::Approved, Decision::Approve) => Ok(LifecycleOutcome::for_request(
+                &current,
+                "in_progress",
+                format!("request {id} is already approved; its apply is in progress"),
+            )),
+            (ApprovalState::Denied, Decision::Deny) => Ok(LifecycleOutcome::for_request(
+                &current,
+                "denied",
+                format!("request {id} was already denied"),
+            )),
+            (ApprovalState::Expired, _) => {
+                Err(final_err("it can no longer be decided; submit a new request"))
+            }
+            (ApprovalState::Failed, _) => Err(final_err(&format!(
+                "apply failed ({}); submit a new request",
+                current.failure_reason.clone().unwrap_or_default()
+            ))),
+            (_, Decision::Deny) => Err(final_err("it was approved and cannot be denied now")),
+            (_, Decision::Approve) => Err(final_err("it was denied and cannot be approved now")),
+        }
+    }
+
+    /// Apply an approved request. Runs in its own task so that a caller hanging up
+    /// cannot cut an apply in half; `wait_for_lock=false` skips a database whose
+    /// apply is running elsewhere (recovery).
+    pub async fn apply(
+        &self,
+        req: ApprovalRequest,
+        wait_for_lock: bool,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let this = self.clone();
+        let id = req.id;
+        tokio::spawn(
+            async move { this.apply_locked(req, wait_for_lock).await }
+                .instrument(tracing::Span::current()),
+        )
+        .await
+        .map_err(|e| ServiceError::Internal(format!("apply task for {id} failed: {e}")))?
+    }
+
+    async fn apply_locked(
+        &self,
+        req: ApprovalRequest,
+        wait_for_lock: bool,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        // Serialize applies of one database across replicas with a transaction-level
+        // advisory lock on a connection of its own: a crash or a dropped connection
+        // releases it, and it never leaks into the pool.
+        let mut lock_conn = self.repo.client().await?;
+        let lock_tx = lock_conn
+            .transaction()
+            .await
+            .map_err(ServiceError::metadata)?;
+        let key = format!("db-lifecycle/{}/{}", req.target_cluster, req.database_name);
+        if wait_for_lock {
+            lock_tx
+                .batch_execute(&format!("SET LOCAL lock_timeout = '{APPLY_LOCK_TIMEOUT}'"))
+                .await
+                .map_err(ServiceError::metadata)?;
+            lock_tx
+                .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+                .await
+                .map_err(|e| {
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                        ServiceError::MetadataUnavailable {
+                            detail: format!(
+                                "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
+                                req.database_name
+                            ),
+                        }
+                    } else {
+                        ServiceError::metadata(e)
+                    }
+                })?;
+        } else {
+            let got: bool = lock_tx
+                .query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+                .await
+                .map_err(ServiceError::metadata)?
+                .get(0);
+            if !got {
+                return Ok(LifecycleOutcome::for_request(
+                    &req,
+                    "in_progress",
+                    "apply running elsewhere".into(),
+                ));
+            }
+        }
+        // Re-read under the lock: another replica may have finished it meanwhile.
+        let current = self
+            .repo
+            .get_request(req.id)
+            .await?
+            .ok_or_else(|| ServiceError::RequestNotFound {
+                request_id: req.id.to_string(),
+            })?;
+        let outcome = if current.state == ApprovalState::Approved {
+            self.fault("after_claim");
+            let mut started =
+                Audit::request_event(&current, "apply.started", SYSTEM_ACTOR, SYSTEM_KIND);
+            started.message = format!("applying {} of `{}`", current.action, current.database_name);
+            self.audit.record(&started).await?;
+            let result = self.apply_steps(&current).await;
+            self.finish(&current, result).await
+        } else {
+            Ok(self.report(&current))
+        };
+        // Releases the advisory lock (nothing else was done in this transaction).
+        let _ = lock_tx.rollback().await;
+        outcome
+    }
+
+    /// The effects, each idempotent, in an order that keeps database and ownership row
+    /// in agreement across a crash: the ownership intent is written first.
+    async fn apply_steps(&self, req: &ApprovalRequest) -> Result<Effect, ServiceError> {
+        let db = self.policy.recheck_for_apply(req)?;
+        let target = &db.target;
+        let own = self.repo.ownership(target, db.name.as_str()).await?;
+        if let Some(o) = &own {
+            if o.project_id != req.project_id {
+                return Err(ServiceError::OwnedByAnotherProject {
+                    name: db.name.to_string(),
+                });
+            }
+            if o.environment != req.environment {
+                return Err(ServiceError::RegisteredInOtherEnvironment {
+                    name: db.name.to_string(),
+                    registered: o.environment.clone(),
+                });
+            }
+        }
+        match req.action {
+            Action::Create => {
+                let exists = self.admin.exists(target, &db.name).await?;
+                if exists && own.is_none() {
+                    return Err(ServiceError::UnmanagedDatabaseExists {
+                        name: db.name.to_string(),
+                    });
+                }
+                if self.repo.mark_creating(req).await?.is_none() {
+                    return Err(ServiceError::OwnedByAnotherProject {
+                        name: db.name.to_string(),
+                    });
+                }
+                let created = match self.admin.ensure_database(target, &db.name).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        if !e.is_transient() && !exists {
+                            self.repo.drop_creating_intent(req).await?;
+                        }
+                        return Err(e);
+                    }
+                };
+                self.fault("after_create");
+                Ok(Effect::Created {
+                    already_existed: created == EnsureOutcome::AlreadyExisted,
+                })
+            }
+            Action::Delete => {
+                if own.is_none() {
+                    return Err(ServiceError::DatabaseNotFound {
+                        name: db.name.to_string(),
+                        environment: req.environment.clone(),
+                    });
+                }
+                self.repo.mark_deleting(req).await?;
+                let existed = self.admin.drop_database(target, &db.name).await?;
+                self.fault("after_drop");
+                Ok(Effect::Dropped {
+                    already_gone: !existed,
+                })
+            }
+            Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
+        }
+    }
+
+    /// Write the final state, the ownership change and the terminal event in one
+    /// transaction. A transient error leaves the request approved for a retry.
+    async fn finish(
+        &self,
+        req: &ApprovalRequest,
+        result: Result<Effect, ServiceError>,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let effect = match result {
+            Err(e) if e.is_transient() => {
+                warn!(request_id = %req.id, error = %e, "apply deferred; will retry");
+                let _ = self.repo.note_apply_attempt(req.id).await;
+                let mut ev = Audit::request_event(req, "apply.deferred", SYSTEM_ACTOR, SYSTEM_KIND);
+                ev.outcome = "error";
+                ev.status_code = crate::error::code_name(e.code()).into();
+                ev.message = format!("{e}; the request stays approved and will be retried");
+                let _ = self.audit.record(&ev).await;
+                return Err(ServiceError::TargetUnavailable {
+                    target: req.target_cluster.clone(),
+                    detail: format!(
+                        "request {} is approved but could not be applied yet ({e}); it will be retried automatically",
+                        req.id
+                    ),
+                });
+            }
+            other => other,
+        };
+        let mut client = self.repo.client().await?;
+        let tx = client.transaction().await.map_err(ServiceError::metadata)?;
+        let (state, event) = match &effect {
+            Ok(effect) => {
+                let (message, payload) = match effect {
+                    Effect::Created { already_existed } => {
+                        self.repo.activate_ownership(&tx, req).await?;
+                        (
+                            format!("database `{}` created and owned by project `{}`", req.database_name, req.project_id),
+                            json!({ "effect": "created", "already_existed": already_existed }),
+                        )
+                    }
+                    Effect::Dropped { already_gone } => {
+                        self.repo.remove_ownership(&tx, req).await?;
+                        let message = if *already_gone {
+                            format!("database `{}` was already gone (dropped outside the service); ownership row removed", req.database_name)
+                        } else {
+                            format!("database `{}` dropped; ownership row removed", req.database_name)
+                        };
+                        (message, json!({ "effect": "dropped", "already_gone": already_gone }))
+                    }
+                };
+                let mut ev = Audit::request_event(req, "request.applied", SYSTEM_ACTOR, SYSTEM_KIND);
+                ev.message = message;
+                ev.payload = payload;
+                (ApprovalState::Applied, ev)
+            }
+            Err(e) => {
+                let mut ev = Audit::request_event(req, "request.failed", SYSTEM_ACTOR, SYSTEM_KIND);
+                ev.outcome = "error";
+                ev.status_code = crate::error::code_name(e.code()).into();
+                ev.message = e.to_string();
+                (ApprovalState::Failed, ev)
+            }
+        };
+        let failure = effect.as_ref().err().map(|e| e.to_string());
+        self.fault("before_finalize");
+        let finished = self
+            .repo
+            .finish(&tx, req.id, state, failure.as_deref(), &event)
+            .await?;
+        if finished {
+            tx.commit().await.map_err(ServiceError::metadata)?;
+        } else {
+            drop(tx);
+        }
+        let current = self
+            .repo
+            .get_request(req.id)
+            .await?
+            .ok_or_else(|| ServiceError::RequestNotFound {
+                request_id: req.id.to_string(),
+            })?;
+        info!(request_id = %req.id, state = %current.state, "apply finished");
+        Ok(self.report(&current))
+    }
+
+    fn report(&self, req: &ApprovalRequest) -> LifecycleOutcome {
+        let (status, message) = match req.state {
+            ApprovalState::Applied => (
+                "applied",
+                match req.action {
+                    Action::Create => format!("database `{}` exists and is owned by project `{}`", req.database_name, req.project_id),
+                    _ => format!("database `{}` dropped and its ownership removed", req.database_name),
+                },
+            ),
+            ApprovalState::Failed => (
+                "failed",
+                format!(
+                    "request {} failed: {}",
+                    req.id,
+                    req.failure_reason.clone().unwrap_or_default()
+                ),
+            ),
+            ApprovalState::Denied => ("denied", format!("request {} was denied", req.id)),
+            ApprovalState::Expired => ("expired", format!("request {} expired", req.id)),
+            ApprovalState::Approved => ("in_progress", format!("request {} is being applied", req.id)),
+            ApprovalState::Requested => (
+                "approval_required",
+                format!("request {} is waiting for approval", req.id),
+            ),
+        };
+        LifecycleOutcome::for_request(req, status, message)
+    }
+
+    /// Expire due requests and drive approved ones to a final state (crash recovery).
+    /// `grace` skips requests approved very recently (their apply is likely running).
+    pub async fn recover_once(&self, grace: Duration) -> Result<usize, ServiceError> {
+        let expired = self.repo.expire_due().await?;
+        for r in &expired {
+            info!(request_id = %r.id, correlation_id = %r.correlation_id, "request expired");
+        }
+        let mut driven = 0;
+        for req in self.repo.approved_requests(grace.as_secs() as i64).await? {
+            let span = tracing::info_span!("recovery", correlation_id = %req.correlation_id, request_id = %req.id);
+            match self.apply(req, false).instrument(span).await {
+                Ok(out) if out.status != "in_progress" => driven += 1,
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "recovery apply deferred"),
+            }
+        }
+        Ok(driven)
+    }
+}

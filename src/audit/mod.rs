@@ -1,0 +1,115 @@
+//! Audit trail (R8): builds `flow_events` and `links` rows. Payloads carry only
+//! validated or escaped input, never tokens or connection URLs.
+
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{
+    domain::{ApprovalRequest, CallContext, Principal},
+    error::ServiceError,
+    repository::{NewEvent, Repository},
+};
+
+#[derive(Clone)]
+pub struct Audit {
+    repo: Repository,
+}
+
+impl Audit {
+    pub fn new(repo: Repository) -> Self {
+        Self { repo }
+    }
+
+    /// An `ok` event for a call, with actor and correlation id filled in.
+    pub fn event(ctx: &CallContext, event_type: &'static str) -> NewEvent {
+        NewEvent {
+            correlation_id: ctx.correlation_id.clone(),
+            event_type,
+            actor_id: ctx.principal.id.clone(),
+            actor_kind: ctx.principal.kind.as_str().to_string(),
+            outcome: "ok",
+            payload: Value::Object(Default::default()),
+            ..Default::default()
+        }
+    }
+
+    /// An event about a stored request, under the request's own correlation id so
+    /// that one id follows the request from the first call to the apply.
+    pub fn request_event(
+        req: &ApprovalRequest,
+        event_type: &'static str,
+        actor_id: &str,
+        actor_kind: &str,
+    ) -> NewEvent {
+        NewEvent {
+            correlation_id: req.correlation_id.clone(),
+            request_id: Some(req.id),
+            event_type,
+            actor_id: actor_id.to_string(),
+            actor_kind: actor_kind.to_string(),
+            project_id: req.project_id.clone(),
+            environment: req.environment.clone(),
+            database_name: req.database_name.clone(),
+            outcome: "ok",
+            payload: Value::Object(Default::default()),
+            ..Default::default()
+        }
+    }
+
+    pub async fn record(&self, ev: &NewEvent) -> Result<(), ServiceError> {
+        self.repo.insert_event(ev).await
+    }
+
+    pub async fn link(
+        &self,
+        correlation_id: &str,
+        request_id: Option<Uuid>,
+        project_id: &str,
+        environment: &str,
+        target: &str,
+        database_name: &str,
+    ) -> Result<(), ServiceError> {
+        self.repo
+            .insert_link(
+                correlation_id,
+                request_id,
+                project_id,
+                environment,
+                target,
+                database_name,
+            )
+            .await
+    }
+
+    /// Record a refused call. Best effort: if the metadata database is down the
+    /// refusal is logged instead, and the caller still gets the original error.
+    pub async fn refusal(
+        &self,
+        correlation_id: &str,
+        principal: Option<&Principal>,
+        rpc: &str,
+        err: &ServiceError,
+        input: Value,
+    ) {
+        let ev = NewEvent {
+            correlation_id: correlation_id.to_string(),
+            event_type: "call.refused",
+            actor_id: principal.map(|p| p.id.clone()).unwrap_or_default(),
+            actor_kind: principal
+                .map(|p| p.kind.as_str().to_string())
+                .unwrap_or_default(),
+            outcome: if err.code() == tonic::Code::Unavailable || err.code() == tonic::Code::Internal {
+                "error"
+            } else {
+                "refused"
+            },
+            status_code: crate::error::code_name(err.code()).to_string(),
+            message: err.to_string(),
+            payload: serde_json::json!({ "rpc": rpc, "input": input }),
+            ..Default::default()
+        };
+        if let Err(e) = self.repo.insert_event(&ev).await {
+            tracing::warn!(rpc, error = %e, refusal = %err, "could not record refusal in flow_events");
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! Configuration: a TOML file plus environment variables.
+//!
+//! Precedence (highest first): environment variables, the file, built-in defaults.
+//! Unknown keys and wrong types fail at start with the key path in the message.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::SocketAddr,
+    path::Path,
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::domain::{Action, ApprovalMode, PrincipalKind, Role};
+
+/// The exact variable name from the seed.
+pub const ALLOWED_ENVS_VAR: &str = "CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS";
+/// Used when the variable (and the file key) is unset or empty.
+pub const FALLBACK_ALLOWED_ENVS: &str = "dev,staging,ai-staging,prod";
+pub const DEFAULT_NAME_PATTERN: &str = "^[a-z_][a-z0-9_-]*$";
+pub const DEFAULT_TARGET: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: key `{key}`: {message}")]
+    Key {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("config: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A PostgreSQL URL whose password never reaches logs, errors or audit payloads.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+    /// The full URL, for handing to the PostgreSQL driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// The URL with any password replaced, safe to print.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            }
+            // A key=value connection string: redact the password=... pair.
+            Err(_) => self
+                .0
+                .split_whitespace()
+                .map(|kv| {
+                    if kv.to_ascii_lowercase().starts_with("password=") {
+                        "password=***"
+                    } else {
+                        kv
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
+        tokio_postgres::Config::from_str(&self.0)
+            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.redacted())
+    }
+}
+
+// ---------- the file format ----------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    metadata_url: Option<SecretUrl>,
+    admin_url: Option<SecretUrl>,
+    allowed_environments: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde::option")]
+    request_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    recovery_interval: Option<Duration>,
+    migrate_on_start: Option<bool>,
+    admin_pool_size: Option<usize>,
+    metadata_pool_size: Option<usize>,
+    #[serde(default)]
+    names: NamesFile,
+    #[serde(default)]
+    protected_databases: Vec<String>,
+    #[serde(default)]
+    approval: ApprovalFile,
+    #[serde(default)]
+    targets: BTreeMap<String, TargetFile>,
+    #[serde(default)]
+    environments: BTreeMap<String, EnvironmentFile>,
+    #[serde(default)]
+    principals: Vec<PrincipalFile>,
+    #[serde(default)]
+    fault_points: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamesFile {
+    pattern: Option<String>,
+    max_bytes: Option<usize>,
+    hint: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalFile {
+    create: Option<ApprovalMode>,
+    delete: Option<ApprovalMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetFile {
+    admin_url: SecretUrl,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvironmentFile {
+    target: Option<String>,
+    create_approval: Option<ApprovalMode>,
+    delete_approval: Option<ApprovalMode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrincipalFile {
+    id: String,
+    kind: PrincipalKind,
+    #[serde(default)]
+    projects: Vec<String>,
+    #[serde(default)]
+    roles: Vec<Role>,
+    /// Hex SHA-256 of the bearer token; the token itself is never stored.
+    token_sha256: String,
+}
+
+// ---------- the resolved configuration ----------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub metadata_url: SecretUrl,
+    pub allowed_environments: Vec<String>,
+    pub request_ttl: Duration,
+    pub recovery_interval: Duration,
+    pub migrate_on_start: bool,
+    pub admin_pool_size: usize,
+    pub metadata_pool_size: usize,
+    pub names: NameRulesConfig,
+    /// Configured extra protected names (the built-in ones are added by policy).
+    pub protected_databases: Vec<String>,
+    pub targets: BTreeMap<String, SecretUrl>,
+    pub environments: BTreeMap<String, EnvironmentConfig>,
+    pub default_approval: ApprovalModes,
+    pub principals: Vec<PrincipalConfig>,
+    /// Test-only: names of apply steps at which the process aborts (fault injection).
+    pub fault_points: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NameRulesConfig {
+    pub pattern: String,
+    pub max_bytes: usize,
+    pub hint: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ApprovalModes {
+    pub create: ApprovalMode,
+    pub delete: ApprovalMode,
+}
+
+impl ApprovalModes {
+    pub fn for_action(&self, action: Action) -> ApprovalMode {
+        match action {
+            Action::Delete => self.delete,
+            _ => self.create,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EnvironmentConfig {
+    pub target: String,
+    pub approval: ApprovalModes,
+}
+
+#[derive(Clone)]
+pub struct PrincipalConfig {
+    pub id: String,
+    pub kind: PrincipalKind,
+    pub projects: Vec<String>,
+    pub roles: BTreeSet<Role>,
+    pub token_sha256: [u8; 32],
+}
+
+impl fmt::Debug for PrincipalConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrincipalConfig")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("projects", &self.projects)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Values that come from the command line or environment rather than the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub metadata_url: Option<String>,
+    pub admin_url: Option<String>,
+    /// The raw value of `CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS` (None when unset).
+    pub allowed_envs_var: Option<String>,
+}
+
+impl Overrides {
+    pub fn from_env() -> Self {
+        Self {
+            listen: std::env::var("DB_LIFECYCLE_LISTEN").ok(),
+            metadata_url: std::env::var("DB_LIFECYCLE_METADATA_URL").ok(),
+            admin_url: std::env::var("DB_LIFECYCLE_ADMIN_URL").ok(),
+            allowed_envs_var: std::env::var(ALLOWED_ENVS_VAR).ok(),
+        }
+    }
+}
+
+/// Parse a comma separated environment list: trimmed, lower-cased, empties dropped.
+pub fn parse_env_list(raw: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for item in raw.split(',') {
+        let env = item.trim().to_lowercase();
+        if !env.is_empty() && !out.contains(&env) {
+            out.push(env);
+        }
+    }
+    out
+}
+
+/// Hex SHA-256 of a bearer token, the form principals are configured with.
+pub fn token_sha256_hex(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl Config {
+    /// Load from an optional TOML file, then apply overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let (file, path_label) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                (parse_file(&text, &p.display().to_string())?, p.display().to_string())
+            }
+            None => (FileConfig::default(), "<none>".to_string()),
+        };
+        let _ = path_label;
+        resolve(file, overrides)
+    }
+
+    /// Parse TOML text (used by tests and by `dev`).
+    pub fn from_toml(text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        resolve(parse_file(text, "<inline>")?, overrides)
+    }
+
+    pub fn environment(&self, env: &str) -> Option<&EnvironmentConfig> {
+        self.environments.get(env)
+    }
+
+    /// Approval mode for an allowed environment and action.
+    pub fn approval_mode(&self, env: &str, action: Action) -> ApprovalMode {
+        self.environments
+            .get(env)
+            .map(|e| e.approval)
+            .unwrap_or(self.default_approval)
+            .for_action(action)
+    }
+
+    /// The target cluster an environment's databases live on.
+    pub fn target_for(&self, env: &str) -> &str {
+        self.environments
+            .get(env)
+            .map(|e| e.target.as_str())
+            .unwrap_or(DEFAULT_TARGET)
+    }
+}
+
+fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Key {
+        path: path.to_string(),
+        key: "<syntax>".into(),
+        message: e.to_string(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Key {
+        path: path.to_string(),
+        key: e.path().to_string(),
+        message: e.inner().message().to_string(),
+    })
+}
+
+fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
+    let listen_raw = ov
+        .listen
+        .clone()
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:50051".to_string());
+    let listen = listen_raw
+        .parse::<SocketAddr>()
+        .map_err(|e| invalid("listen", format!("`{listen_raw}` is not host:port ({e})")))?;
+
+    let metadata_url = ov
+        .metadata_url
+        .clone()
+        .map(SecretUrl::new)
+        .or(file.metadata_url)
+        .ok_or_else(|| {
+            invalid(
+                "metadata_url",
+                "required (or set DB_LIFECYCLE_METADATA_URL)",
+            )
+        })?;
+    metadata_url
+        .pg_config()
+        .map_err(|m| invalid("metadata_url", m))?;
+
+    // Seed rule: the variable wins when set and non-empty; unset or empty falls back.
+    let allowed_environments = match ov.allowed_envs_var.as_deref().map(parse_env_list) {
+        Some(list) if !list.is_empty() => list,
+        _ => match file.allowed_environments.map(|l| parse_env_list(&l.join(","))) {
+            Some(list) if !list.is_empty() => list,
+            _ => parse_env_list(FALLBACK_ALLOWED_ENVS),
+        },
+    };
+    for env in &allowed_environments {
+        crate::policy::validate_environment_format(env)
+            .map_err(|m| invalid("allowed_environments", m))?;
+    }
+
+    let mut targets: BTreeMap<String, SecretUrl> = BTreeMap::new();
+    for (name, t) in file.targets {
+        t.admin_url
+            .pg_config()
+            .map_err(|m| invalid(format!("targets.{name}.admin_url"), m))?;
+        targets.insert(name, t.admin_url);
+    }
+    let admin_url = ov.admin_url.clone().map(SecretUrl::new).or(file.admin_url);
+    if let Some(url) = admin_url {
+        url.pg_config().map_err(|m| invalid("admin_url", m))?;
+        targets.insert(DEFAULT_TARGET.to_string(), url);
+    }
+
+    let default_approval = ApprovalModes {
+        create: file.approval.create.unwrap_or(ApprovalMode::Owner),
+        delete: file.approval.delete.unwrap_or(ApprovalMode::Owner),
+    };
+
+    let mut environments = BTreeMap::new();
+    for (raw_name, e) in file.environments {
+        let name = raw_name.trim().to_lowercase();
+        let target = e.target.unwrap_or_else(|| DEFAULT_TARGET.to_string());
+        if !targets.contains_key(&target) {
+            return Err(invalid(
+                format!("environments.{raw_name}.target"),
+                format!("unknown target `{target}` (define [targets.{target}] or admin_url)"),
+            ));
+        }
+        environments.insert(
+            name,
+            EnvironmentConfig {
+                target,
+                approval: ApprovalModes {
+                    create: e.create_approval.unwrap_or(default_approval.create),
+                    delete: e.delete_approval.unwrap_or(default_approval.delete),
+                },
+            },
+        );
+    }
+    if !targets.contains_key(DEFAULT_TARGET)
+        && allowed_environments
+            .iter()
+            .any(|env| !environments.contains_key(env))
+    {
+        return Err(invalid(
+            "admin_url",
+            "required (or set DB_LIFECYCLE_ADMIN_URL): some allowed environments have no target",
+        ));
+    }
+
+    let names = NameRulesConfig {
+        pattern: file
+            .names
+            .pattern
+            .unwrap_or_else(|| DEFAULT_NAME_PATTERN.to_string()),
+        max_bytes: file.names.max_bytes.unwrap_or(63),
+        hint: file.names.hint.unwrap_or_else(|| {
+            "use lowercase letters, digits, `_` and `-`, starting with a letter or `_` \
+             (PostgreSQL folds unquoted names to lowercase, so mixed case would be \
+             ambiguous)"
+                .to_string()
+        }),
+    };
+    if names.max_bytes == 0 || names.max_bytes > 63 {
+        return Err(invalid(
+            "names.max_bytes",
+            "must be 1..=63 (PostgreSQL truncates identifiers at 63 bytes)",
+        ));
+    }
+    regex::Regex::new(&names.pattern).map_err(|e| invalid("names.pattern", e.to_string()))?;
+
+    let mut principals = Vec::new();
+    let mut seen_ids = BTreeSet::new();
+    for (i, p) in file.principals.into_iter().enumerate() {
+        let key = format!("principals[{i}]");
+        if p.id.trim().is_empty() {
+            return Err(invalid(format!("{key}.id"), "must not be empty"));
+        }
+        if !seen_ids.insert(p.id.clone()) {
+            return Err(invalid(
+                format!("{key}.id"),
+                format!("duplicate id `{}`", p.id),
+            ));
+        }
+        let raw = hex::decode(p.token_sha256.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| {
+                invalid(
+                    format!("{key}.token_sha256"),
+                    "must be 64 hex characters (SHA-256 of the token)",
+                )
+            })?;
+        for project in &p.projects {
+            if project != "*" {
+                crate::policy::validate_project_format(project)
+                    .map_err(|m| invalid(format!("{key}.projects"), m))?;
+            }
+        }
+        principals.push(PrincipalConfig {
+            id: p.id,
+            kind: p.kind,
+            projects: p.projects,
+            roles: p.roles.into_iter().collect(),
+            token_sha256: raw,
+        });
+    }
+
+    let request_ttl = file
+        .request_ttl
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    if request_ttl.is_zero() {
+        return Err(invalid("request_ttl", "must be positive"));
+    }
+
+    Ok(Config {
+        listen,
+        metadata_url,
+        allowed_environments,
+        request_ttl,
+        recovery_interval: file.recovery_interval.unwrap_or(Duration::from_secs(5)),
+        migrate_on_start: file.migrate_on_start.unwrap_or(true),
+        admin_pool_size: file.admin_pool_size.unwrap_or(8),
+        metadata_pool_size: file.metadata_pool_size.unwrap_or(16),
+        names,
+        protected_databases: file.protected_databases,
+        targets,
+        environments,
+        default_approval,
+        principals,
+        fault_points: file.fault_points.into_iter().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> &'static str {
+        "metadata_url = \"postgres://u:secretpw@127.0.0.1:5432/meta\"\nadmin_url = \"postgres://u:secretpw@127.0.0.1:5432/postgres\"\n"
+    }
+
+    #[test]
+    fn allowlist_variable_is_trimmed_and_case_folded() {
+        let ov = Overrides {
+            allowed_envs_var: Some(" DEV , staging ".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml(base(), &ov).unwrap();
+        assert_eq!(c.allowed_environments, vec!["dev", "staging"]);
+    }
+
+    #[test]
+    fn empty_or_unset_allowlist_falls_back() {
+        for var in [None, Some(String::new()), Some(" , ".to_string())] {
+            let ov = Overrides {
+                allowed_envs_var: var,
+                ..Default::default()
+            };
+            let c = Config::from_toml(base(), &ov).unwrap();
+            assert_eq!(c.allowed_environments, vec!["dev", "staging", "ai-staging", "prod"]);
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = format!("{}[names]\npatern = \"x\"\n", base());
+        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("names"), "{err}");
+        assert!(err.contains("patern"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = format!("{}[[principals]]\nid = \"a\"\nkind = \"robot\"\ntoken_sha256 = \"00\"\n", base());
+        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("principals[0].kind") || err.contains("principals.0.kind"), "{err}");
+    }
+
+    #[test]
+    fn secret_url_is_redacted() {
+        let u = SecretUrl::new("postgres://u:secretpw@h:5432/db");
+        assert!(!format!("{u:?}").contains("secretpw"));
+        assert!(!u.redacted().contains("secretpw"));
+        let kv = SecretUrl::new("host=h password=secretpw dbname=x");
+        assert!(!kv.redacted().contains("secretpw"));
+    }
+
+    #[test]
+    fn bad_token_hash_is_named() {
+        let text = format!(
+            "{}[[principals]]\nid = \"a\"\nkind = \"human\"\ntoken_sha256 = \"nothex\"\n",
+            base()
+        );
+        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("principals[0].token_sha256"), "{err}");
+    }
+}

@@ -1,0 +1,158 @@
+//! Ownership: who owns a database name on a target cluster (`project_databases`),
+//! checked after policy and before any request is queued (R2, R5), and again at
+//! apply time. Another project's id is never revealed.
+
+use crate::{
+    admin::AdminClient,
+    domain::{Action, DatabaseFacts, Ownership},
+    error::ServiceError,
+    policy::CheckedCall,
+    repository::Repository,
+};
+
+/// What ownership found for a call that passed it. Only this module constructs it.
+#[derive(Debug, Clone)]
+pub struct OwnedCall {
+    pub call: CheckedCall,
+    /// The caller's own ownership row, if any (never another project's).
+    pub ownership: Option<Ownership>,
+    pub exists: bool,
+    pub plan: Plan,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Queue (or apply) the create/delete.
+    Queue,
+    /// Create of a database the project already owns and that exists: nothing to do.
+    AlreadyPresent,
+    /// Describe: answer from ownership and catalog.
+    Describe,
+}
+
+#[derive(Clone)]
+pub struct Ownerships {
+    repo: Repository,
+    admin: AdminClient,
+}
+
+impl Ownerships {
+    pub fn new(repo: Repository, admin: AdminClient) -> Self {
+        Self { repo, admin }
+    }
+
+    /// Ownership row for the call's database, refusing another project's.
+    async fn own_row(&self, call: &CheckedCall) -> Result<Option<Ownership>, ServiceError> {
+        let row = self
+            .repo
+            .ownership(&call.database.target, call.database.name.as_str())
+            .await?;
+        match row {
+            Some(row) if row.project_id != call.project_id => {
+                Err(ServiceError::OwnedByAnotherProject {
+                    name: call.database.name.to_string(),
+                })
+            }
+            other => Ok(other),
+        }
+    }
+
+    pub async fn check(&self, call: CheckedCall) -> Result<OwnedCall, ServiceError> {
+        let ownership = self.own_row(&call).await?;
+        let name = call.database.name.to_string();
+        let registered_elsewhere = ownership
+            .as_ref()
+            .filter(|o| o.environment != call.environment)
+            .map(|o| o.environment.clone());
+        let exists = self
+            .admin
+            .exists(&call.database.target, &call.database.name)
+            .await?;
+        let plan = match call.action {
+            Action::Describe => Plan::Describe,
+            Action::Create => {
+                if let Some(registered) = registered_elsewhere {
+                    return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
+                }
+                match (&ownership, exists) {
+                    (None, true) => return Err(ServiceError::UnmanagedDatabaseExists { name }),
+                    (Some(o), true) if o.state == "active" => Plan::AlreadyPresent,
+                    _ => Plan::Queue,
+                }
+            }
+            Action::Delete => {
+                if let Some(registered) = registered_elsewhere {
+                    return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
+                }
+                match (&ownership, exists) {
+                    (None, true) => return Err(ServiceError::UnmanagedDatabase { name }),
+                    (None, false) => {
+                        return Err(ServiceError::DatabaseNotFound {
+                            name,
+                            environment: call.environment.clone(),
+                        });
+                    }
+                    // Owned, even if already dropped by hand: the delete cleans up the row.
+                    _ => Plan::Queue,
+                }
+            }
+        };
+        Ok(OwnedCall {
+            call,
+            ownership,
+            exists,
+            plan,
+        })
+    }
+
+    /// Catalog facts for a describe (None when the database does not exist).
+    pub async fn facts(&self, owned: &OwnedCall) -> Result<Option<DatabaseFacts>, ServiceError> {
+        if !owned.exists {
+            return Ok(None);
+        }
+        self.admin
+            .facts(&owned.call.database.target, &owned.call.database.name)
+            .await
+    }
+}
+
+impl Ownerships {
+    /// Describe (R4): read-only, no request, answers from the ownership row and the
+    /// catalog. Audited by the caller.
+    pub async fn describe(&self, owned: &OwnedCall) -> Result<crate::domain::LifecycleOutcome, ServiceError> {
+        let facts = self.facts(owned).await?;
+        let call = &owned.call;
+        let owned_by_project = owned.ownership.is_some();
+        let registered = owned
+            .ownership
+            .as_ref()
+            .map(|o| o.environment.clone())
+            .unwrap_or_default();
+        let name = call.database.name.to_string();
+        let message = match (owned_by_project, facts.is_some()) {
+            (true, true) => format!("database `{name}` exists and is owned by project `{}`", call.project_id),
+            (true, false) => format!(
+                "database `{name}` is registered to project `{}` but does not exist on the cluster (dropped outside the service?); create it again or delete to clean up",
+                call.project_id
+            ),
+            (false, true) => format!("database `{name}` exists but is not managed by this service"),
+            (false, false) => format!("database `{name}` does not exist"),
+        };
+        Ok(crate::domain::LifecycleOutcome {
+            status: "described",
+            request: None,
+            action: Action::Describe,
+            environment: call.environment.clone(),
+            database_name: name,
+            project_id: call.project_id.clone(),
+            applied: false,
+            exists: facts.is_some(),
+            owned_by_project,
+            owner_project_id: if owned_by_project { call.project_id.clone() } else { String::new() },
+            registered_environment: registered,
+            dry_run: false,
+            message,
+            facts,
+        })
+    }
+}

@@ -1,0 +1,206 @@
+//! Assembles and runs the gRPC server: DatabaseLifecycle behind its middleware,
+//! gRPC health (SERVING only while the metadata database answers), reflection,
+//! background recovery/expiry, and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::sync::oneshot;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    admin::{AdminClient, build_pool},
+    approvals::Approvals,
+    audit::Audit,
+    config::Config,
+    ownership::Ownerships,
+    policy::Policy,
+    proto::database_lifecycle_server::DatabaseLifecycleServer,
+    repository::{Repository, migrate::migrate},
+    transport::{
+        grpc::LifecycleService,
+        middleware::{Authenticator, Guarded},
+    },
+};
+
+const SERVICE_NAME: &str = "dblifecycle.v1.DatabaseLifecycle";
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Largest request message accepted (names are 63 bytes; nothing needs more).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Run the server until `shutdown` resolves. `on_listening` gets the bound address
+/// (useful with port 0).
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: Option<oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    if config.migrate_on_start {
+        let applied = migrate(&config.metadata_url).await?;
+        if !applied.is_empty() {
+            info!(?applied, "migrations applied");
+        }
+    }
+    let meta_pool =
+        build_pool(&config.metadata_url, config.metadata_pool_size).map_err(anyhow::Error::msg)?;
+    let repo = Repository::new(meta_pool.clone());
+    let admin =
+        AdminClient::new(&config.targets, config.admin_pool_size).map_err(anyhow::Error::msg)?;
+    let policy = Arc::new(Policy::new(config.clone()).map_err(anyhow::Error::msg)?);
+    let audit = Audit::new(repo.clone());
+    let ownership = Ownerships::new(repo.clone(), admin.clone());
+    let approvals = Approvals::new(
+        repo.clone(),
+        admin.clone(),
+        policy.clone(),
+        audit.clone(),
+        config.request_ttl,
+        config.fault_points.clone(),
+    );
+    if !config.fault_points.is_empty() {
+        warn!(points = ?config.fault_points, "TEST-ONLY fault points are enabled: the process will abort at them");
+    }
+    let service = LifecycleService {
+        policy: policy.clone(),
+        ownership,
+        approvals: approvals.clone(),
+        repo: repo.clone(),
+        audit: audit.clone(),
+    };
+    let auth = Arc::new(Authenticator::new(&config.principals));
+    let grpc = DatabaseLifecycleServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let guarded = Guarded::new(grpc, auth, audit);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    health.set_service_status("", ServingStatus::NotServing).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    // Health follows the metadata database.
+    let health_task = {
+        let repo = repo.clone();
+        let health = health.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut last: Option<bool> = None;
+            loop {
+                let ok = tokio::time::timeout(HEALTH_INTERVAL, repo.ping())
+                    .await
+                    .map(|r| r.is_ok())
+                    .unwrap_or(false);
+                if *stop.borrow() {
+                    break;
+                }
+                if last != Some(ok) {
+                    let status = if ok {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    health.set_service_status(SERVICE_NAME, status).await;
+                    health.set_service_status("", status).await;
+                    if ok {
+                        info!("metadata database reachable: SERVING");
+                    } else {
+                        warn!("metadata database unreachable: NOT_SERVING");
+                    }
+                    last = Some(ok);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+
+    // Crash recovery at start, then expiry and retries of deferred applies.
+    let recovery_task = {
+        let approvals = approvals.clone();
+        let interval = config.recovery_interval;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut grace = Duration::ZERO;
+            loop {
+                match approvals.recover_once(grace).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(driven = n, "recovery drove approved requests to a final state"),
+                    Err(e) => warn!(error = %e, "recovery pass failed; will retry"),
+                }
+                grace = interval;
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    info!(%addr, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
+    if let Some(tx) = on_listening {
+        let _ = tx.send(addr);
+    }
+
+    let health_for_shutdown = health.clone();
+    let stop_signal = async move {
+        shutdown.await;
+        info!("shutdown requested: NOT_SERVING, finishing in-flight calls");
+        health_for_shutdown
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        health_for_shutdown
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let _ = stop_tx.send(true);
+    };
+
+    Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(guarded)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_signal)
+        .await?;
+
+    let _ = health_task.await;
+    let _ = recovery_task.await;
+    admin.close();
+    meta_pool.close();
+    info!("db-lifecycle stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

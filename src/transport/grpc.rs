@@ -1,0 +1,519 @@
+//! gRPC handlers for `dblifecycle.v1.DatabaseLifecycle`. Each lifecycle RPC runs
+//! policy, then ownership, then the handler; a refusal at any step is audited and
+//! mapped to its status in one place (`ServiceError::to_status`).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::{
+    approvals::{Approvals, Decision},
+    audit::Audit,
+    domain::{Action, ApprovalState, CallContext, LifecycleOutcome},
+    error::{ServiceError, code_name},
+    ownership::Ownerships,
+    policy::{Policy, RawCall, printable},
+    proto::{self, database_lifecycle_server::DatabaseLifecycle},
+    repository::{RequestFilter, Repository},
+    transport::convert,
+};
+
+const DEFAULT_PAGE_SIZE: i32 = 50;
+const MAX_PAGE_SIZE: i32 = 500;
+const MAX_REASON_CHARS: usize = 1000;
+
+#[derive(Clone)]
+pub struct LifecycleService {
+    pub policy: Arc<Policy>,
+    pub ownership: Ownerships,
+    pub approvals: Approvals,
+    pub repo: Repository,
+    pub audit: Audit,
+}
+
+fn context<T>(req: &Request<T>) -> Result<CallContext, Status> {
+    req.extensions()
+        .get::<CallContext>()
+        .cloned()
+        .ok_or_else(|| Status::internal("call context missing: middleware not installed"))
+}
+
+fn page_size(raw: i32) -> Result<i64, ServiceError> {
+    match raw {
+        0 => Ok(DEFAULT_PAGE_SIZE as i64),
+        1..=MAX_PAGE_SIZE => Ok(raw as i64),
+        _ => Err(ServiceError::invalid(
+            "page_size",
+            format!("must be between 1 and {MAX_PAGE_SIZE} (0 means {DEFAULT_PAGE_SIZE})"),
+        )),
+    }
+}
+
+fn parse_request_id(raw: &str) -> Result<Uuid, ServiceError> {
+    Uuid::parse_str(raw.trim()).map_err(|_| {
+        ServiceError::invalid(
+            "request_id",
+            format!("`{}` is not a request id (a UUID)", printable(raw)),
+        )
+    })
+}
+
+/// Opaque page tokens: hex of a prefix and the keyset position.
+fn encode_token(kind: &str, pos: &str) -> String {
+    hex::encode(format!("{kind}:{pos}"))
+}
+
+fn decode_token(kind: &str, raw: &str) -> Result<Option<String>, ServiceError> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let bad = || ServiceError::invalid("page_token", "not a token returned by this RPC");
+    let bytes = hex::decode(raw).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    text.strip_prefix(&format!("{kind}:"))
+        .map(|s| Some(s.to_string()))
+        .ok_or_else(bad)
+}
+
+/// Untrusted input as it may appear in an audit payload: escaped and shortened.
+fn input_summary(pairs: &[(&str, &str)], flags: &[(&str, bool)]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in pairs {
+        m.insert(k.to_string(), Value::String(printable(v)));
+    }
+    for (k, v) in flags {
+        m.insert(k.to_string(), Value::Bool(*v));
+    }
+    Value::Object(m)
+}
+
+impl LifecycleService {
+    /// Log, audit refusals, attach the correlation id, and map errors to a status.
+    async fn respond<T>(
+        &self,
+        ctx: &CallContext,
+        rpc: &str,
+        input: Value,
+        result: Result<T, ServiceError>,
+    ) -> Result<Response<T>, Status> {
+        match result {
+            Ok(body) => {
+                tracing::info!(principal = %ctx.principal.id, "ok");
+                Ok(Response::new(body))
+            }
+            Err(err) => {
+                let code = code_name(err.code());
+                if err.code() == tonic::Code::Internal {
+                    tracing::error!(principal = %ctx.principal.id, code, "failed: {err}");
+                } else {
+                    tracing::info!(principal = %ctx.principal.id, code, "refused: {err}");
+                }
+                self.audit
+                    .refusal(&ctx.correlation_id, Some(&ctx.principal), rpc, &err, input)
+                    .await;
+                Err(err.to_status(&ctx.correlation_id))
+            }
+        }
+    }
+
+    /// policy -> ownership -> handler, for create/delete/describe.
+    async fn lifecycle(
+        &self,
+        ctx: &CallContext,
+        action: Action,
+        raw: RawCall<'_>,
+    ) -> Result<proto::LifecycleResult, ServiceError> {
+        let checked = self.policy.check_call(&ctx.principal, action, &raw)?;
+        let owned = self.ownership.check(checked).await?;
+        let outcome = match action {
+            Action::Describe => {
+                let out = self.ownership.describe(&owned).await?;
+                let mut ev = Audit::event(ctx, "database.described");
+                ev.project_id = out.project_id.clone();
+                ev.environment = out.environment.clone();
+                ev.database_name = out.database_name.clone();
+                ev.message = out.message.clone();
+                ev.payload = json!({ "exists": out.exists, "owned_by_project": out.owned_by_project });
+                self.audit.record(&ev).await?;
+                self.audit
+                    .link(
+                        &ctx.correlation_id,
+                        None,
+                        &out.project_id,
+                        &out.environment,
+                        &owned.call.database.target,
+                        &out.database_name,
+                    )
+                    .await?;
+                out
+            }
+            _ => self.approvals.submit(ctx, owned).await?,
+        };
+        Ok(convert::result(outcome, &ctx.correlation_id))
+    }
+
+    async fn approve_inner(
+        &self,
+        ctx: &CallContext,
+        msg: &proto::ApproveRequest,
+    ) -> Result<LifecycleOutcome, ServiceError> {
+        let id = parse_request_id(&msg.request_id)?;
+        let decision = match proto::Decision::try_from(msg.decision) {
+            Ok(proto::Decision::Approve) => Decision::Approve,
+            Ok(proto::Decision::Deny) => Decision::Deny,
+            _ => {
+                return Err(ServiceError::invalid(
+                    "decision",
+                    "must be DECISION_APPROVE or DECISION_DENY",
+                ));
+            }
+        };
+        let reason = msg.reason.trim();
+        if reason.chars().count() > MAX_REASON_CHARS {
+            return Err(ServiceError::invalid(
+                "reason",
+                format!("at most {MAX_REASON_CHARS} characters"),
+            ));
+        }
+        if reason.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+            return Err(ServiceError::invalid("reason", "must not contain control characters"));
+        }
+        let req = self
+            .repo
+            .get_request(id)
+            .await?
+            .ok_or_else(|| ServiceError::RequestNotFound {
+                request_id: id.to_string(),
+            })?;
+        self.policy.check_decider(&ctx.principal, &req)?;
+        self.approvals.decide(ctx, req, decision, reason).await
+    }
+
+    async fn get_request_inner(
+        &self,
+        ctx: &CallContext,
+        raw_id: &str,
+    ) -> Result<proto::ApprovalRequest, ServiceError> {
+        let id = parse_request_id(raw_id)?;
+        let req = self
+            .repo
+            .get_request(id)
+            .await?
+            .ok_or_else(|| ServiceError::RequestNotFound {
+                request_id: id.to_string(),
+            })?;
+        if !ctx.principal.covers_project(&req.project_id) {
+            return Err(ServiceError::forbidden(format!(
+                "request {id} belongs to a project outside the scope of principal `{}`",
+                ctx.principal.id
+            )));
+        }
+        Ok(convert::request(&req))
+    }
+
+    async fn list_requests_inner(
+        &self,
+        ctx: &CallContext,
+        msg: &proto::ListRequestsRequest,
+    ) -> Result<proto::ListRequestsResponse, ServiceError> {
+        let limit = page_size(msg.page_size)?;
+        let state = match proto::ApprovalState::try_from(msg.state) {
+            Ok(proto::ApprovalState::Unspecified) => None,
+            Ok(s) => Some(convert::state_from_proto(s)),
+            Err(_) => return Err(ServiceError::invalid("state", "unknown approval state")),
+        };
+        let project_id = match msg.project_id.trim() {
+            "" => None,
+            p => Some(self.policy.resolve_project(&ctx.principal, p)?),
+        };
+        let environment = match msg.environment.trim() {
+            "" => None,
+            e => {
+                let e = e.to_lowercase();
+                crate::policy::validate_environment_format(&e)
+                    .map_err(|m| ServiceError::invalid("environment", m))?;
+                Some(e)
+            }
+        };
+        let before_id = decode_token("r", &msg.page_token)?
+            .map(|s| Uuid::parse_str(&s))
+            .transpose()
+            .map_err(|_| ServiceError::invalid("page_token", "not a token returned by this RPC"))?;
+        let rows = self
+            .repo
+            .list_requests(&RequestFilter {
+                state,
+                project_id,
+                environment,
+                projects_in_scope: self.policy.readable_projects(&ctx.principal),
+                before_id,
+                limit: limit + 1,
+            })
+            .await?;
+        let more = rows.len() as i64 > limit;
+        let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => encode_token("r", &last.id.to_string()),
+            _ => String::new(),
+        };
+        Ok(proto::ListRequestsResponse {
+            requests: rows.iter().map(convert::request).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_events_inner(
+        &self,
+        ctx: &CallContext,
+        msg: &proto::ListFlowEventsRequest,
+    ) -> Result<proto::ListFlowEventsResponse, ServiceError> {
+        let limit = page_size(msg.page_size)?;
+        let after_id = decode_token("e", &msg.page_token)?
+            .map(|s| s.parse::<i64>())
+            .transpose()
+            .map_err(|_| ServiceError::invalid("page_token", "not a token returned by this RPC"))?
+            .unwrap_or(0);
+        let (cid, rid) = (msg.correlation_id.trim(), msg.request_id.trim());
+        if cid.is_empty() == rid.is_empty() {
+            return Err(ServiceError::invalid(
+                "correlation_id",
+                "give exactly one of correlation_id or request_id",
+            ));
+        }
+        let rows = if !cid.is_empty() {
+            if !crate::transport::middleware::valid_correlation_id(cid) {
+                return Err(ServiceError::invalid("correlation_id", "not a correlation id"));
+            }
+            self.repo
+                .events_by_correlation(
+                    cid,
+                    after_id,
+                    limit + 1,
+                    self.policy.readable_projects(&ctx.principal).as_deref(),
+                    &ctx.principal.id,
+                )
+                .await?
+        } else {
+            let id = parse_request_id(rid)?;
+            let req = self
+                .repo
+                .get_request(id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: id.to_string(),
+                })?;
+            if !ctx.principal.covers_project(&req.project_id) {
+                return Err(ServiceError::forbidden(format!(
+                    "request {id} belongs to a project outside the scope of principal `{}`",
+                    ctx.principal.id
+                )));
+            }
+            self.repo.events_by_request(id, after_id, limit + 1).await?
+        };
+        let more = rows.len() as i64 > limit;
+        let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => encode_token("e", &last.id.to_string()),
+            _ => String::new(),
+        };
+        Ok(proto::ListFlowEventsResponse {
+            events: rows.iter().map(convert::event).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn list_databases_inner(
+        &self,
+        ctx: &CallContext,
+        msg: &proto::ListDatabasesRequest,
+    ) -> Result<proto::ListDatabasesResponse, ServiceError> {
+        let limit = page_size(msg.page_size)?;
+        let project = self.policy.resolve_project(&ctx.principal, &msg.project_id)?;
+        let environment = match msg.environment.trim() {
+            "" => None,
+            e => Some(self.policy.environment(e)?),
+        };
+        let after = decode_token("d", &msg.page_token)?;
+        let rows = self
+            .repo
+            .list_databases(&project, environment.as_deref(), after.as_deref(), limit + 1)
+            .await?;
+        let more = rows.len() as i64 > limit;
+        let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
+        let next_page_token = match (more, rows.last()) {
+            (true, Some(last)) => encode_token(
+                "d",
+                &format!("{}/{}", last.target_cluster, last.database_name),
+            ),
+            _ => String::new(),
+        };
+        Ok(proto::ListDatabasesResponse {
+            databases: rows.iter().map(convert::database).collect(),
+            next_page_token,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl DatabaseLifecycle for LifecycleService {
+    async fn create(
+        &self,
+        request: Request<proto::CreateDatabaseRequest>,
+    ) -> Result<Response<proto::LifecycleResult>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let raw = RawCall {
+            environment: &m.environment,
+            database_name: &m.database_name,
+            project_id: &m.project_id,
+            confirm_delete: false,
+            dry_run: m.dry_run,
+        };
+        let result = self.lifecycle(&ctx, Action::Create, raw).await;
+        let input = input_summary(
+            &[
+                ("environment", &m.environment),
+                ("database_name", &m.database_name),
+                ("project_id", &m.project_id),
+            ],
+            &[("dry_run", m.dry_run)],
+        );
+        self.respond(&ctx, "Create", input, result).await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<proto::DeleteDatabaseRequest>,
+    ) -> Result<Response<proto::LifecycleResult>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let raw = RawCall {
+            environment: &m.environment,
+            database_name: &m.database_name,
+            project_id: &m.project_id,
+            confirm_delete: m.confirm_delete,
+            dry_run: m.dry_run,
+        };
+        let result = self.lifecycle(&ctx, Action::Delete, raw).await;
+        let input = input_summary(
+            &[
+                ("environment", &m.environment),
+                ("database_name", &m.database_name),
+                ("project_id", &m.project_id),
+            ],
+            &[("confirm_delete", m.confirm_delete), ("dry_run", m.dry_run)],
+        );
+        self.respond(&ctx, "Delete", input, result).await
+    }
+
+    async fn describe(
+        &self,
+        request: Request<proto::DescribeDatabaseRequest>,
+    ) -> Result<Response<proto::LifecycleResult>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let raw = RawCall {
+            environment: &m.environment,
+            database_name: &m.database_name,
+            project_id: &m.project_id,
+            confirm_delete: false,
+            dry_run: false,
+        };
+        let result = self.lifecycle(&ctx, Action::Describe, raw).await;
+        let input = input_summary(
+            &[
+                ("environment", &m.environment),
+                ("database_name", &m.database_name),
+                ("project_id", &m.project_id),
+            ],
+            &[],
+        );
+        self.respond(&ctx, "Describe", input, result).await
+    }
+
+    async fn approve(
+        &self,
+        request: Request<proto::ApproveRequest>,
+    ) -> Result<Response<proto::LifecycleResult>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let result = self
+            .approve_inner(&ctx, &m)
+            .await
+            .map(|o| convert::result(o, &ctx.correlation_id));
+        let input = json!({
+            "request_id": printable(&m.request_id),
+            "decision": m.decision,
+            "reason": printable(&m.reason),
+        });
+        self.respond(&ctx, "Approve", input, result).await
+    }
+
+    async fn get_request(
+        &self,
+        request: Request<proto::GetRequestRequest>,
+    ) -> Result<Response<proto::ApprovalRequest>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let result = self.get_request_inner(&ctx, &m.request_id).await;
+        let input = json!({ "request_id": printable(&m.request_id) });
+        self.respond(&ctx, "GetRequest", input, result).await
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let result = self.list_requests_inner(&ctx, &m).await;
+        let input = input_summary(
+            &[("project_id", &m.project_id), ("environment", &m.environment)],
+            &[],
+        );
+        self.respond(&ctx, "ListRequests", input, result).await
+    }
+
+    async fn list_flow_events(
+        &self,
+        request: Request<proto::ListFlowEventsRequest>,
+    ) -> Result<Response<proto::ListFlowEventsResponse>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let result = self.list_events_inner(&ctx, &m).await;
+        let input = input_summary(
+            &[("correlation_id", &m.correlation_id), ("request_id", &m.request_id)],
+            &[],
+        );
+        self.respond(&ctx, "ListFlowEvents", input, result).await
+    }
+
+    async fn list_databases(
+        &self,
+        request: Request<proto::ListDatabasesRequest>,
+    ) -> Result<Response<proto::ListDatabasesResponse>, Status> {
+        let ctx = context(&request)?;
+        let m = request.into_inner();
+        let result = self.list_databases_inner(&ctx, &m).await;
+        let input = input_summary(
+            &[("project_id", &m.project_id), ("environment", &m.environment)],
+            &[],
+        );
+        self.respond(&ctx, "ListDatabases", input, result).await
+    }
+}
+
+impl From<ApprovalState> for proto::ApprovalState {
+    fn from(s: ApprovalState) -> Self {
+        match s {
+            ApprovalState::Requested => proto::ApprovalState::Requested,
+            ApprovalState::Approved => proto::ApprovalState::Approved,
+            ApprovalState::Applied => proto::ApprovalState::Applied,
+            ApprovalState::Failed => proto::ApprovalState::Failed,
+            ApprovalState::Denied => proto::ApprovalState::Denied,
+            ApprovalState::Expired => proto::ApprovalState::Expired,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! gRPC transport: middleware (correlation id, authentication), handlers, conversion.
+
+pub mod convert;
+pub mod grpc;
+pub mod middleware;
