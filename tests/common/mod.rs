@@ -1,0 +1,463 @@
+//! Test harness: one throwaway PostgreSQL cluster per test binary, and per test a
+//! fresh metadata database plus a real `db-lifecycle serve` process, reached through
+//! the generated gRPC client. Nothing is mocked.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{LazyLock, Mutex},
+    time::Duration,
+};
+
+use db_lifecycle::{
+    config::token_sha256_hex,
+    devcluster::TempCluster,
+    proto::{
+        self, database_lifecycle_client::DatabaseLifecycleClient, ApproveRequest,
+        CreateDatabaseRequest, DeleteDatabaseRequest, DescribeDatabaseRequest, LifecycleResult,
+    },
+};
+use tonic::{transport::Channel, Code, Request, Status};
+
+/// The cluster outlives every test of the binary; it runs on its own runtime so
+/// that no test's runtime owns it.
+static CLUSTER: LazyLock<TempCluster> = LazyLock::new(|| {
+    std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(TempCluster::start()).expect("start throwaway PostgreSQL")
+    })
+    .join()
+    .unwrap()
+});
+
+static COUNTER: Mutex<u32> = Mutex::new(0);
+
+pub fn cluster() -> &'static TempCluster {
+    &CLUSTER
+}
+
+/// A name unique to this test process, for databases on the shared target cluster.
+pub fn unique(prefix: &str) -> String {
+    let mut n = COUNTER.lock().unwrap();
+    *n += 1;
+    format!("{prefix}_{}_{}", std::process::id(), *n)
+}
+
+/// Principals every test server knows. Tokens are fixed so tests read clearly.
+pub struct P {
+    pub id: &'static str,
+    pub kind: &'static str,
+    pub projects: &'static [&'static str],
+    pub roles: &'static [&'static str],
+    pub token: &'static str,
+}
+
+pub const AGENT_A: P = P { id: "agent-a", kind: "agent", projects: &["alpha"], roles: &["requester"], token: "tok-agent-a-0123456789" };
+pub const OWNER_A: P = P { id: "alice", kind: "human", projects: &["alpha"], roles: &["owner"], token: "tok-owner-a-0123456789" };
+pub const OWNER_A2: P = P { id: "anna", kind: "human", projects: &["alpha"], roles: &["owner", "requester"], token: "tok-owner-a2-0123456789" };
+pub const DELEGATE_A: P = P { id: "dana", kind: "human", projects: &["alpha"], roles: &["delegate"], token: "tok-delegate-a-0123456789" };
+pub const SERVICE_A: P = P { id: "svc-a", kind: "service", projects: &["alpha"], roles: &["requester", "owner"], token: "tok-service-a-0123456789" };
+pub const AGENT_B: P = P { id: "agent-b", kind: "agent", projects: &["beta"], roles: &["requester"], token: "tok-agent-b-0123456789" };
+pub const OWNER_B: P = P { id: "bob", kind: "human", projects: &["beta"], roles: &["owner"], token: "tok-owner-b-0123456789" };
+pub const ADMIN: P = P { id: "root", kind: "human", projects: &["*"], roles: &["admin"], token: "tok-admin-0123456789" };
+pub const READER_A: P = P { id: "rita", kind: "human", projects: &["alpha"], roles: &[], token: "tok-noroles-a-0123456789" };
+pub const MULTI: P = P { id: "max", kind: "human", projects: &["alpha", "beta"], roles: &["requester", "owner"], token: "tok-multi-0123456789" };
+
+pub const ALL: [&P; 10] = [
+    &AGENT_A, &OWNER_A, &OWNER_A2, &DELEGATE_A, &SERVICE_A, &AGENT_B, &OWNER_B, &ADMIN, &READER_A, &MULTI,
+];
+
+#[derive(Default, Clone)]
+pub struct Options {
+    /// Extra TOML appended to the generated config (approval modes, names, ...).
+    pub extra_toml: String,
+    /// Value of CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS (None = unset).
+    pub allowed_envs_var: Option<String>,
+    /// Reuse an existing metadata database (restart scenarios).
+    pub metadata_db: Option<String>,
+}
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: String,
+    pub metadata_db: String,
+    pub log_path: PathBuf,
+    config_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(opts: Options) -> TestServer {
+        let cluster = cluster();
+        let metadata_db = match &opts.metadata_db {
+            Some(db) => db.clone(),
+            None => {
+                let db = unique("meta");
+                cluster.create_database(&db).await.expect("create metadata db");
+                db
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nmetadata_url = \"{}\"\nadmin_url = \"{}\"\nrecovery_interval = \"1s\"\n",
+            cluster.url(&metadata_db),
+            cluster.url("postgres"),
+        );
+        toml.push_str(&opts.extra_toml);
+        toml.push('\n');
+        for p in ALL {
+            toml.push_str(&format!(
+                "\n[[principals]]\nid = \"{}\"\nkind = \"{}\"\nprojects = {:?}\nroles = {:?}\ntoken_sha256 = \"{}\"\n",
+                p.id,
+                p.kind,
+                p.projects,
+                p.roles,
+                token_sha256_hex(p.token)
+            ));
+        }
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        let log_path = dir.path().join("server.log");
+        let mut server = TestServer {
+            child: None,
+            addr: String::new(),
+            metadata_db,
+            log_path,
+            config_path,
+            _dir: dir,
+        };
+        server.spawn(&opts).await;
+        server
+    }
+
+    async fn spawn(&mut self, opts: &Options) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_db-lifecycle"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("DB_LIFECYCLE_LOG", "info")
+            .env_remove("DB_LIFECYCLE_METADATA_URL")
+            .env_remove("DB_LIFECYCLE_ADMIN_URL")
+            .env_remove("DB_LIFECYCLE_LISTEN")
+            .env_remove("DB_LIFECYCLE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        match &opts.allowed_envs_var {
+            Some(v) => cmd.env("CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS", v),
+            None => cmd.env_remove("CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS"),
+        };
+        let mut child = cmd.spawn().expect("spawn db-lifecycle");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("db-lifecycle listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let addr = match addr {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                );
+            }
+        };
+        self.addr = addr;
+        self.child = Some(child);
+        // Wait for SERVING (the metadata database answered).
+        let channel = self.channel().await;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        for _ in 0..100 {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "dblifecycle.v1.DatabaseLifecycle".into(),
+                })
+                .await;
+            if r.map(|r| r.into_inner().status == 1).unwrap_or(false) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("server never became SERVING");
+    }
+
+    pub fn config_path(&self) -> &PathBuf {
+        &self.config_path
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to server")
+    }
+
+    pub async fn as_(&self, p: &P) -> Caller {
+        Caller {
+            client: DatabaseLifecycleClient::new(self.channel().await),
+            token: p.token.to_string(),
+        }
+    }
+
+    /// A caller with an arbitrary authorization header value (None = no header).
+    pub async fn with_auth(&self, header: Option<&str>) -> Caller {
+        Caller {
+            client: DatabaseLifecycleClient::new(self.channel().await),
+            token: header.map(|h| format!("\u{0}{h}")).unwrap_or_default(),
+        }
+    }
+
+    /// Stop the process with SIGKILL (crash) and wait for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the process again on the same config (after `kill`).
+    pub async fn restart(&mut self, opts: &Options) {
+        self.kill();
+        self.spawn(opts).await;
+    }
+
+    /// A direct connection to the metadata database, for assertions.
+    pub async fn meta(&self) -> tokio_postgres::Client {
+        cluster().connect(&self.metadata_db).await.unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Direct connection to the target cluster (the `postgres` database).
+pub async fn target() -> tokio_postgres::Client {
+    cluster().connect("postgres").await.unwrap()
+}
+
+pub async fn db_exists(name: &str) -> bool {
+    target()
+        .await
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+pub async fn database_count_like(prefix: &str) -> i64 {
+    target()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE $1 || '%'",
+            &[&prefix],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Create a database by hand, outside the service.
+pub async fn create_by_hand(name: &str) {
+    target()
+        .await
+        .batch_execute(&format!("CREATE DATABASE {}", db_lifecycle::domain::quote_identifier(name)))
+        .await
+        .unwrap();
+}
+
+pub async fn drop_by_hand(name: &str) {
+    target()
+        .await
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            db_lifecycle::domain::quote_identifier(name)
+        ))
+        .await
+        .unwrap();
+}
+
+#[derive(Clone)]
+pub struct Caller {
+    pub client: DatabaseLifecycleClient<Channel>,
+    token: String,
+}
+
+impl Caller {
+    pub fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(raw) = self.token.strip_prefix('\u{0}') {
+            r.metadata_mut().insert("authorization", raw.parse().unwrap());
+        } else if !self.token.is_empty() {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
+        }
+        r
+    }
+
+    pub fn request_with_correlation<T>(&self, msg: T, correlation_id: &str) -> Request<T> {
+        let mut r = self.request(msg);
+        r.metadata_mut()
+            .insert("x-correlation-id", correlation_id.parse().unwrap());
+        r
+    }
+
+    pub async fn create(&self, env: &str, name: &str) -> Result<LifecycleResult, Status> {
+        self.create_req(CreateDatabaseRequest {
+            environment: env.into(),
+            database_name: name.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn create_req(&self, m: CreateDatabaseRequest) -> Result<LifecycleResult, Status> {
+        let mut c = self.client.clone();
+        c.create(self.request(m)).await.map(|r| r.into_inner())
+    }
+
+    pub async fn delete(&self, env: &str, name: &str, confirm: bool) -> Result<LifecycleResult, Status> {
+        self.delete_req(DeleteDatabaseRequest {
+            environment: env.into(),
+            database_name: name.into(),
+            confirm_delete: confirm,
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn delete_req(&self, m: DeleteDatabaseRequest) -> Result<LifecycleResult, Status> {
+        let mut c = self.client.clone();
+        c.delete(self.request(m)).await.map(|r| r.into_inner())
+    }
+
+    pub async fn describe(&self, env: &str, name: &str) -> Result<LifecycleResult, Status> {
+        let mut c = self.client.clone();
+        c.describe(self.request(DescribeDatabaseRequest {
+            environment: env.into(),
+            database_name: name.into(),
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    pub async fn decide(&self, request_id: &str, approve: bool, reason: &str) -> Result<LifecycleResult, Status> {
+        let mut c = self.client.clone();
+        c.approve(self.request(ApproveRequest {
+            request_id: request_id.into(),
+            decision: if approve { proto::Decision::Approve } else { proto::Decision::Deny } as i32,
+            reason: reason.into(),
+        }))
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    pub async fn approve(&self, request_id: &str) -> Result<LifecycleResult, Status> {
+        self.decide(request_id, true, "looks good").await
+    }
+
+    pub async fn deny(&self, request_id: &str, reason: &str) -> Result<LifecycleResult, Status> {
+        self.decide(request_id, false, reason).await
+    }
+
+    pub async fn get_request(&self, request_id: &str) -> Result<proto::ApprovalRequest, Status> {
+        let mut c = self.client.clone();
+        c.get_request(self.request(proto::GetRequestRequest { request_id: request_id.into() }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn events_by_correlation(&self, cid: &str) -> Result<Vec<proto::FlowEvent>, Status> {
+        let mut c = self.client.clone();
+        c.list_flow_events(self.request(proto::ListFlowEventsRequest {
+            correlation_id: cid.into(),
+            page_size: 500,
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().events)
+    }
+
+    pub async fn events_by_request(&self, rid: &str) -> Result<Vec<proto::FlowEvent>, Status> {
+        let mut c = self.client.clone();
+        c.list_flow_events(self.request(proto::ListFlowEventsRequest {
+            request_id: rid.into(),
+            page_size: 500,
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().events)
+    }
+}
+
+/// Assert an error status with a code, returning its message.
+#[track_caller]
+pub fn expect_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code) -> Status {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "wrong code; message: {}", s.message());
+            assert!(
+                s.metadata().get("x-correlation-id").is_some(),
+                "error without x-correlation-id: {s:?}"
+            );
+            s
+        }
+    }
+}
+
+/// Event types of a trail, in order.
+pub fn event_types(events: &[proto::FlowEvent]) -> Vec<String> {
+    events.iter().map(|e| e.event_type.clone()).collect()
+}
+
+/// Rows in flow_events with outcome refused/error for this metadata db.
+pub async fn refusal_count(server: &TestServer) -> i64 {
+    server
+        .meta()
+        .await
+        .query_one("SELECT count(*) FROM flow_events WHERE event_type = 'call.refused'", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+pub async fn request_count(server: &TestServer) -> i64 {
+    server
+        .meta()
+        .await
+        .query_one("SELECT count(*) FROM approval_requests", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
