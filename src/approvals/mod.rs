@@ -121,7 +121,20 @@ impl Approvals {
             facts: None,
         };
 
-        if owned.plan == Plan::AlreadyPresent {
+        // An identical open request is returned; any other open request conflicts,
+        // even for a create that would otherwise be a no-op: a delete of this database
+        // may be open (and about to drop it), so "nothing to do" would be wrong.
+        let open = self
+            .repo
+            .open_request_for(&call.database.target, &name)
+            .await?;
+        if let Some(open) = open.filter(|o| o.expires_at > chrono::Utc::now()) {
+            return self.reuse_or_conflict(ctx, &owned, open).await;
+        }
+
+        // "Nothing to do" only if, now that no request is open, the database is still
+        // there and still ours (a delete may have finished since ownership looked).
+        if owned.plan == Plan::AlreadyPresent && self.still_present(call).await? {
             let message = format!(
                 "database `{name}` already exists and is owned by project `{}`; nothing to do",
                 call.project_id
@@ -135,15 +148,6 @@ impl Approvals {
                 .link(&ctx.correlation_id, None, &call.project_id, &call.environment, &call.database.target, &name)
                 .await?;
             return Ok(own_outcome("unchanged", message));
-        }
-
-        // An identical open request is returned; any other open request conflicts.
-        let open = self
-            .repo
-            .open_request_for(&call.database.target, &name)
-            .await?;
-        if let Some(open) = open.filter(|o| o.expires_at > chrono::Utc::now()) {
-            return self.reuse_or_conflict(ctx, &owned, open).await;
         }
 
         if call.dry_run {
@@ -249,6 +253,17 @@ impl Approvals {
                 Ok(out)
             }
         }
+    }
+
+    /// The call's database exists and its ownership row is active, ours, in this
+    /// environment.
+    async fn still_present(&self, call: &crate::policy::CheckedCall) -> Result<bool, ServiceError> {
+        let target = &call.database.target;
+        let row = self.repo.ownership(target, call.database.name.as_str()).await?;
+        let ours = row.is_some_and(|o| {
+            o.state == "active" && o.project_id == call.project_id && o.environment == call.environment
+        });
+        Ok(ours && self.admin.exists(target, &call.database.name).await?)
     }
 
     async fn reuse_or_conflict(

@@ -117,11 +117,17 @@ impl NameRules {
             )));
         }
         if !self.pattern.is_match(raw) {
-            let why = if self.default_pattern && raw.chars().any(|c| c.is_ascii_uppercase()) {
+            // Explain case folding only when lowercasing is the whole fix; otherwise
+            // the suggested name would itself be refused.
+            let folded = raw.to_lowercase();
+            let why = if self.default_pattern
+                && raw.chars().any(|c| c.is_ascii_uppercase())
+                && self.pattern.is_match(&folded)
+            {
                 format!(
                     "`{}` has uppercase letters; names are lowercase because PostgreSQL folds unquoted identifiers to lowercase (try `{}`)",
                     printable(raw),
-                    printable(&raw.to_lowercase())
+                    printable(&folded)
                 )
             } else {
                 format!(

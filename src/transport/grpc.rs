@@ -180,6 +180,13 @@ impl LifecycleService {
         if reason.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
             return Err(ServiceError::invalid("reason", "must not contain control characters"));
         }
+        // The contract (proto): a reason is required when denying.
+        if decision == Decision::Deny && reason.is_empty() {
+            return Err(ServiceError::invalid(
+                "reason",
+                "required when denying: say why, it is recorded in the audit trail",
+            ));
+        }
         let req = self
             .repo
             .get_request(id)

@@ -15,11 +15,12 @@ use db_lifecycle::{
     config::token_sha256_hex,
     devcluster::TempCluster,
     proto::{
-        self, database_lifecycle_client::DatabaseLifecycleClient, ApproveRequest,
-        CreateDatabaseRequest, DeleteDatabaseRequest, DescribeDatabaseRequest, LifecycleResult,
+        self, ApproveRequest, CreateDatabaseRequest, DeleteDatabaseRequest,
+        DescribeDatabaseRequest, LifecycleResult,
+        database_lifecycle_client::DatabaseLifecycleClient,
     },
 };
-use tonic::{transport::Channel, Code, Request, Status};
+use tonic::{Code, Request, Status, transport::Channel};
 
 /// The cluster outlives every test of the binary; it runs on its own runtime so
 /// that no test's runtime owns it.
@@ -29,7 +30,8 @@ static CLUSTER: LazyLock<TempCluster> = LazyLock::new(|| {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(TempCluster::start()).expect("start throwaway PostgreSQL")
+        rt.block_on(TempCluster::start())
+            .expect("start throwaway PostgreSQL")
     })
     .join()
     .unwrap()
@@ -57,19 +59,88 @@ pub struct P {
     pub token: &'static str,
 }
 
-pub const AGENT_A: P = P { id: "agent-a", kind: "agent", projects: &["alpha"], roles: &["requester"], token: "tok-agent-a-0123456789" };
-pub const OWNER_A: P = P { id: "alice", kind: "human", projects: &["alpha"], roles: &["owner"], token: "tok-owner-a-0123456789" };
-pub const OWNER_A2: P = P { id: "anna", kind: "human", projects: &["alpha"], roles: &["owner", "requester"], token: "tok-owner-a2-0123456789" };
-pub const DELEGATE_A: P = P { id: "dana", kind: "human", projects: &["alpha"], roles: &["delegate"], token: "tok-delegate-a-0123456789" };
-pub const SERVICE_A: P = P { id: "svc-a", kind: "service", projects: &["alpha"], roles: &["requester", "owner"], token: "tok-service-a-0123456789" };
-pub const AGENT_B: P = P { id: "agent-b", kind: "agent", projects: &["beta"], roles: &["requester"], token: "tok-agent-b-0123456789" };
-pub const OWNER_B: P = P { id: "bob", kind: "human", projects: &["beta"], roles: &["owner"], token: "tok-owner-b-0123456789" };
-pub const ADMIN: P = P { id: "root", kind: "human", projects: &["*"], roles: &["admin"], token: "tok-admin-0123456789" };
-pub const READER_A: P = P { id: "rita", kind: "human", projects: &["alpha"], roles: &[], token: "tok-noroles-a-0123456789" };
-pub const MULTI: P = P { id: "max", kind: "human", projects: &["alpha", "beta"], roles: &["requester", "owner"], token: "tok-multi-0123456789" };
+pub const AGENT_A: P = P {
+    id: "agent-a",
+    kind: "agent",
+    projects: &["alpha"],
+    roles: &["requester"],
+    token: "tok-agent-a-0123456789",
+};
+pub const OWNER_A: P = P {
+    id: "alice",
+    kind: "human",
+    projects: &["alpha"],
+    roles: &["owner"],
+    token: "tok-owner-a-0123456789",
+};
+pub const OWNER_A2: P = P {
+    id: "anna",
+    kind: "human",
+    projects: &["alpha"],
+    roles: &["owner", "requester"],
+    token: "tok-owner-a2-0123456789",
+};
+pub const DELEGATE_A: P = P {
+    id: "dana",
+    kind: "human",
+    projects: &["alpha"],
+    roles: &["delegate"],
+    token: "tok-delegate-a-0123456789",
+};
+pub const SERVICE_A: P = P {
+    id: "svc-a",
+    kind: "service",
+    projects: &["alpha"],
+    roles: &["requester", "owner"],
+    token: "tok-service-a-0123456789",
+};
+pub const AGENT_B: P = P {
+    id: "agent-b",
+    kind: "agent",
+    projects: &["beta"],
+    roles: &["requester"],
+    token: "tok-agent-b-0123456789",
+};
+pub const OWNER_B: P = P {
+    id: "bob",
+    kind: "human",
+    projects: &["beta"],
+    roles: &["owner"],
+    token: "tok-owner-b-0123456789",
+};
+pub const ADMIN: P = P {
+    id: "root",
+    kind: "human",
+    projects: &["*"],
+    roles: &["admin"],
+    token: "tok-admin-0123456789",
+};
+pub const READER_A: P = P {
+    id: "rita",
+    kind: "human",
+    projects: &["alpha"],
+    roles: &[],
+    token: "tok-noroles-a-0123456789",
+};
+pub const MULTI: P = P {
+    id: "max",
+    kind: "human",
+    projects: &["alpha", "beta"],
+    roles: &["requester", "owner"],
+    token: "tok-multi-0123456789",
+};
 
 pub const ALL: [&P; 10] = [
-    &AGENT_A, &OWNER_A, &OWNER_A2, &DELEGATE_A, &SERVICE_A, &AGENT_B, &OWNER_B, &ADMIN, &READER_A, &MULTI,
+    &AGENT_A,
+    &OWNER_A,
+    &OWNER_A2,
+    &DELEGATE_A,
+    &SERVICE_A,
+    &AGENT_B,
+    &OWNER_B,
+    &ADMIN,
+    &READER_A,
+    &MULTI,
 ];
 
 #[derive(Default, Clone)]
@@ -102,7 +173,10 @@ impl TestServer {
             Some(db) => db.clone(),
             None => {
                 let db = unique("meta");
-                cluster.create_database(&db).await.expect("create metadata db");
+                cluster
+                    .create_database(&db)
+                    .await
+                    .expect("create metadata db");
                 db
             }
         };
@@ -290,7 +364,10 @@ pub async fn database_count_like(prefix: &str) -> i64 {
 pub async fn create_by_hand(name: &str) {
     target()
         .await
-        .batch_execute(&format!("CREATE DATABASE {}", db_lifecycle::domain::quote_identifier(name)))
+        .batch_execute(&format!(
+            "CREATE DATABASE {}",
+            db_lifecycle::domain::quote_identifier(name)
+        ))
         .await
         .unwrap();
 }
@@ -316,10 +393,13 @@ impl Caller {
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(raw) = self.token.strip_prefix('\u{0}') {
-            r.metadata_mut().insert("authorization", raw.parse().unwrap());
-        } else if !self.token.is_empty() {
             r.metadata_mut()
-                .insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
+                .insert("authorization", raw.parse().unwrap());
+        } else if !self.token.is_empty() {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", self.token).parse().unwrap(),
+            );
         }
         r
     }
@@ -345,7 +425,12 @@ impl Caller {
         c.create(self.request(m)).await.map(|r| r.into_inner())
     }
 
-    pub async fn delete(&self, env: &str, name: &str, confirm: bool) -> Result<LifecycleResult, Status> {
+    pub async fn delete(
+        &self,
+        env: &str,
+        name: &str,
+        confirm: bool,
+    ) -> Result<LifecycleResult, Status> {
         self.delete_req(DeleteDatabaseRequest {
             environment: env.into(),
             database_name: name.into(),
@@ -371,11 +456,20 @@ impl Caller {
         .map(|r| r.into_inner())
     }
 
-    pub async fn decide(&self, request_id: &str, approve: bool, reason: &str) -> Result<LifecycleResult, Status> {
+    pub async fn decide(
+        &self,
+        request_id: &str,
+        approve: bool,
+        reason: &str,
+    ) -> Result<LifecycleResult, Status> {
         let mut c = self.client.clone();
         c.approve(self.request(ApproveRequest {
             request_id: request_id.into(),
-            decision: if approve { proto::Decision::Approve } else { proto::Decision::Deny } as i32,
+            decision: if approve {
+                proto::Decision::Approve
+            } else {
+                proto::Decision::Deny
+            } as i32,
             reason: reason.into(),
         }))
         .await
@@ -392,9 +486,11 @@ impl Caller {
 
     pub async fn get_request(&self, request_id: &str) -> Result<proto::ApprovalRequest, Status> {
         let mut c = self.client.clone();
-        c.get_request(self.request(proto::GetRequestRequest { request_id: request_id.into() }))
-            .await
-            .map(|r| r.into_inner())
+        c.get_request(self.request(proto::GetRequestRequest {
+            request_id: request_id.into(),
+        }))
+        .await
+        .map(|r| r.into_inner())
     }
 
     pub async fn events_by_correlation(&self, cid: &str) -> Result<Vec<proto::FlowEvent>, Status> {
@@ -446,7 +542,10 @@ pub async fn refusal_count(server: &TestServer) -> i64 {
     server
         .meta()
         .await
-        .query_one("SELECT count(*) FROM flow_events WHERE event_type = 'call.refused'", &[])
+        .query_one(
+            "SELECT count(*) FROM flow_events WHERE event_type = 'call.refused'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0)
@@ -460,4 +559,149 @@ pub async fn request_count(server: &TestServer) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+impl TestServer {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// Wait for the process to exit on its own; its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        child.wait().ok()?.code()
+    }
+}
+
+// ---- helpers for status_codes.rs, validation.rs and approvals.rs ----
+
+/// The `x-correlation-id` an error status carries in its metadata.
+pub fn status_correlation_id(s: &Status) -> String {
+    s.metadata()
+        .get("x-correlation-id")
+        .expect("status without x-correlation-id")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A `call.refused` row of flow_events.
+#[derive(Debug, Clone)]
+pub struct RefusalRow {
+    pub correlation_id: String,
+    pub status_code: String,
+    pub outcome: String,
+    pub message: String,
+    pub actor_id: String,
+    pub project_id: String,
+    pub payload: String,
+}
+
+/// Every `call.refused` row recorded under a correlation id.
+pub async fn refusal_rows(server: &TestServer, correlation_id: &str) -> Vec<RefusalRow> {
+    server
+        .meta()
+        .await
+        .query(
+            "SELECT correlation_id, status_code, outcome, message, actor_id, project_id, \
+                    payload::text AS payload \
+             FROM flow_events WHERE event_type = 'call.refused' AND correlation_id = $1 ORDER BY id",
+            &[&correlation_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| RefusalRow {
+            correlation_id: r.get("correlation_id"),
+            status_code: r.get("status_code"),
+            outcome: r.get("outcome"),
+            message: r.get("message"),
+            actor_id: r.get("actor_id"),
+            project_id: r.get("project_id"),
+            payload: r.get("payload"),
+        })
+        .collect()
+}
+
+/// Assert that the refused call behind `status` left exactly one `call.refused` row,
+/// under the status's correlation id, with this status code name; return the row.
+pub async fn assert_refusal_recorded(
+    server: &TestServer,
+    status: &Status,
+    code: &str,
+) -> RefusalRow {
+    let cid = status_correlation_id(status);
+    let rows = refusal_rows(server, &cid).await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "expected one call.refused row for {cid}, got {rows:?}"
+    );
+    let row = rows.into_iter().next().unwrap();
+    assert_eq!(row.status_code, code, "refusal row {row:?}");
+    assert_eq!(
+        row.message,
+        status.message(),
+        "refusal row message differs from the status"
+    );
+    row
+}
+
+/// Ownership rows (project_databases) for a database name.
+pub async fn ownership_rows(server: &TestServer, name: &str) -> Vec<(String, String, String)> {
+    server
+        .meta()
+        .await
+        .query(
+            "SELECT project_id, environment, state FROM project_databases WHERE database_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// The stored state of a request, read directly from approval_requests.
+pub async fn stored_state(server: &TestServer, request_id: &str) -> Option<String> {
+    let id = uuid::Uuid::parse_str(request_id).unwrap();
+    server
+        .meta()
+        .await
+        .query_opt("SELECT state FROM approval_requests WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
+}
+
+/// How many events of a type a request has in flow_events.
+pub async fn request_event_count(server: &TestServer, request_id: &str, event_type: &str) -> i64 {
+    let id = uuid::Uuid::parse_str(request_id).unwrap();
+    server
+        .meta()
+        .await
+        .query_one(
+            "SELECT count(*) FROM flow_events WHERE request_id = $1 AND event_type = $2",
+            &[&id, &event_type],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Event types recorded under a correlation id (directly, not through links), in order.
+pub async fn event_types_for_correlation(server: &TestServer, correlation_id: &str) -> Vec<String> {
+    server
+        .meta()
+        .await
+        .query(
+            "SELECT event_type FROM flow_events WHERE correlation_id = $1 ORDER BY id",
+            &[&correlation_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
