@@ -122,12 +122,13 @@ struct Server {
 impl Server {
     /// Sends a watchdog command (if any) and closes the pipe.
     fn close(&mut self, cmd: Option<&str>) {
-        if let Some(mut stdin) = self.stdin.take() {
-            if let Some(cmd) = cmd {
-                // The watchdog may already be gone (EPIPE); that's fine.
-                let _ = writeln!(stdin, "{cmd}");
-                let _ = stdin.flush();
-            }
+        // Dropping the handle closes the pipe.
+        if let Some(mut stdin) = self.stdin.take()
+            && let Some(cmd) = cmd
+        {
+            // The watchdog may already be gone (EPIPE); that's fine.
+            let _ = writeln!(stdin, "{cmd}");
+            let _ = stdin.flush();
         }
     }
 }
@@ -135,14 +136,6 @@ impl Server {
 enum LaunchError {
     PortInUse(anyhow::Error),
     Other(anyhow::Error),
-}
-
-impl LaunchError {
-    fn into_inner(self) -> anyhow::Error {
-        match self {
-            LaunchError::PortInUse(e) | LaunchError::Other(e) => e,
-        }
-    }
 }
 
 impl TempCluster {
@@ -435,7 +428,7 @@ impl TempCluster {
         self.spawn_server().map_err(LaunchError::Other)?;
 
         let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last_connect_err = None;
+        let mut last_connect_err: Option<String>;
         loop {
             let exited = {
                 let mut guard = self.lock_server();
@@ -467,15 +460,18 @@ impl TempCluster {
                 );
             }
 
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                self.pg_config("postgres").connect(tokio_postgres::NoTls),
-            )
-            .await
-            {
-                Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) => last_connect_err = Some(e.to_string()),
-                Err(_) => last_connect_err = Some("connect timed out".to_string()),
+            // Race the attempt against the server exiting: if someone else holds the
+            // port, the attempt may hang talking to them while postgres already gave up.
+            let cfg = self.pg_config("postgres");
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(5), cfg.connect(tokio_postgres::NoTls));
+            tokio::select! {
+                result = attempt => match result {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(e)) => last_connect_err = Some(e.to_string()),
+                    Err(_) => last_connect_err = Some("connect timed out".to_string()),
+                },
+                () = self.until_exited() => continue,
             }
 
             if Instant::now() >= deadline {
@@ -489,6 +485,20 @@ impl TempCluster {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Resolves once the watchdog (hence postgres) has exited or is gone.
+    async fn until_exited(&self) {
+        loop {
+            let running = matches!(
+                self.lock_server().as_mut().map(|s| s.child.try_wait()),
+                Some(Ok(None))
+            );
+            if !running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -532,17 +542,17 @@ impl TempCluster {
 
     /// Last resort: SIGKILL the postmaster (pid from postmaster.pid) and the watchdog.
     fn kill_hard(&self, server: &mut Server) {
-        if let Ok(pidfile) = std::fs::read_to_string(self.data_dir.join("postmaster.pid")) {
-            if let Some(pid) = pidfile.lines().next().map(str::trim) {
-                if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
-                    let _ = Command::new("sh")
-                        .args(["-c", "kill -KILL \"$1\"", "sh", pid])
-                        .stdin(Stdio::null())
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
+        if let Ok(pidfile) = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            && let Some(pid) = pidfile.lines().next().map(str::trim)
+            && !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+        {
+            let _ = Command::new("sh")
+                .args(["-c", "kill -KILL \"$1\"", "sh", pid])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = server.child.kill();
         let _ = server.child.wait();
@@ -604,12 +614,11 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
+        && out.status.success()
     {
-        if out.status.success() {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if dir.join("initdb").is_file() {
-                return Ok(dir);
-            }
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").is_file() {
+            return Ok(dir);
         }
     }
     let mut best: Option<(Vec<u64>, PathBuf)> = None;
@@ -647,12 +656,11 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
 
 fn effective_uid_is_root() -> bool {
     // Uid: real effective saved fs
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(line) = status.lines().find(|l| l.starts_with("Uid:")) {
-            if let Some(euid) = line.split_whitespace().nth(2) {
-                return euid == "0";
-            }
-        }
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+        && let Some(line) = status.lines().find(|l| l.starts_with("Uid:"))
+        && let Some(euid) = line.split_whitespace().nth(2)
+    {
+        return euid == "0";
     }
     Command::new("id")
         .arg("-u")
@@ -930,11 +938,26 @@ mod tests {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        // Never hang the test run if the helper misbehaves. The lock makes sure we never
+        // signal the pid after it has been reaped (and possibly reused).
+        let reaped = std::sync::Arc::new(Mutex::new(false));
+        {
+            let reaped = reaped.clone();
+            let pid = child.id().to_string();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(120));
+                let reaped = reaped.lock().unwrap();
+                if !*reaped {
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                }
+            });
+        }
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut ready = None;
         for line in stdout.lines() {
             let line = line.unwrap();
-            if let Some(rest) = line.strip_prefix("DEVCLUSTER_READY ") {
+            // libtest prints "test ... " on the same line before our output.
+            if let Some((_, rest)) = line.split_once("DEVCLUSTER_READY ") {
                 let (port, dir) = rest.split_once(' ').unwrap();
                 ready = Some((port.parse::<u16>().unwrap(), PathBuf::from(dir)));
                 break;
@@ -948,7 +971,11 @@ mod tests {
         if mode == "kill" {
             child.kill().unwrap(); // SIGKILL
         }
-        child.wait().unwrap();
+        {
+            let mut reaped = reaped.lock().unwrap();
+            child.wait().unwrap();
+            *reaped = true;
+        }
 
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
