@@ -109,6 +109,8 @@ struct FileConfig {
     request_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     recovery_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    shutdown_grace: Option<Duration>,
     migrate_on_start: Option<bool>,
     admin_pool_size: Option<usize>,
     metadata_pool_size: Option<usize>,
@@ -179,6 +181,8 @@ pub struct Config {
     pub allowed_environments: Vec<String>,
     pub request_ttl: Duration,
     pub recovery_interval: Duration,
+    /// How long in-flight calls may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
     pub migrate_on_start: bool,
     pub admin_pool_size: usize,
     pub metadata_pool_size: usize,
@@ -289,7 +293,10 @@ impl Config {
                     path: p.display().to_string(),
                     source,
                 })?;
-                (parse_file(&text, &p.display().to_string())?, p.display().to_string())
+                (
+                    parse_file(&text, &p.display().to_string())?,
+                    p.display().to_string(),
+                )
             }
             None => (FileConfig::default(), "<none>".to_string()),
         };
@@ -365,7 +372,10 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     // Seed rule: the variable wins when set and non-empty; unset or empty falls back.
     let allowed_environments = match ov.allowed_envs_var.as_deref().map(parse_env_list) {
         Some(list) if !list.is_empty() => list,
-        _ => match file.allowed_environments.map(|l| parse_env_list(&l.join(","))) {
+        _ => match file
+            .allowed_environments
+            .map(|l| parse_env_list(&l.join(",")))
+        {
             Some(list) if !list.is_empty() => list,
             _ => parse_env_list(FALLBACK_ALLOWED_ENVS),
         },
@@ -483,9 +493,7 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         });
     }
 
-    let request_ttl = file
-        .request_ttl
-        .unwrap_or(Duration::from_secs(24 * 3600));
+    let request_ttl = file.request_ttl.unwrap_or(Duration::from_secs(24 * 3600));
     if request_ttl.is_zero() {
         return Err(invalid("request_ttl", "must be positive"));
     }
@@ -496,6 +504,7 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         allowed_environments,
         request_ttl,
         recovery_interval: file.recovery_interval.unwrap_or(Duration::from_secs(5)),
+        shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(20)),
         migrate_on_start: file.migrate_on_start.unwrap_or(true),
         admin_pool_size: file.admin_pool_size.unwrap_or(8),
         metadata_pool_size: file.metadata_pool_size.unwrap_or(16),
@@ -535,23 +544,36 @@ mod tests {
                 ..Default::default()
             };
             let c = Config::from_toml(base(), &ov).unwrap();
-            assert_eq!(c.allowed_environments, vec!["dev", "staging", "ai-staging", "prod"]);
+            assert_eq!(
+                c.allowed_environments,
+                vec!["dev", "staging", "ai-staging", "prod"]
+            );
         }
     }
 
     #[test]
     fn unknown_key_is_named() {
         let text = format!("{}[names]\npatern = \"x\"\n", base());
-        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
+        let err = Config::from_toml(&text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("names"), "{err}");
         assert!(err.contains("patern"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_named() {
-        let text = format!("{}[[principals]]\nid = \"a\"\nkind = \"robot\"\ntoken_sha256 = \"00\"\n", base());
-        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("principals[0].kind") || err.contains("principals.0.kind"), "{err}");
+        let text = format!(
+            "{}[[principals]]\nid = \"a\"\nkind = \"robot\"\ntoken_sha256 = \"00\"\n",
+            base()
+        );
+        let err = Config::from_toml(&text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("principals[0].kind") || err.contains("principals.0.kind"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -569,7 +591,9 @@ mod tests {
             "{}[[principals]]\nid = \"a\"\nkind = \"human\"\ntoken_sha256 = \"nothex\"\n",
             base()
         );
-        let err = Config::from_toml(&text, &Overrides::default()).unwrap_err().to_string();
+        let err = Config::from_toml(&text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("principals[0].token_sha256"), "{err}");
     }
 }

@@ -186,7 +186,9 @@ impl From<deadpool_postgres::PoolError> for DbError {
         use deadpool_postgres::PoolError;
         match e {
             PoolError::Backend(e) => DbError::from(e),
-            PoolError::Timeout(_) => DbError::Unreachable("timed out waiting for a connection".into()),
+            PoolError::Timeout(_) => {
+                DbError::Unreachable("timed out waiting for a connection".into())
+            }
             PoolError::Closed => DbError::Unreachable("connection pool closed".into()),
             other => DbError::Unreachable(other.to_string()),
         }

@@ -12,10 +12,20 @@ use db_lifecycle::{
 use rand::Rng;
 
 #[derive(Parser)]
-#[command(name = "db-lifecycle", version, about = "PostgreSQL database lifecycle over gRPC, behind policy, ownership, approvals and audit")]
+#[command(
+    name = "db-lifecycle",
+    version,
+    about = "PostgreSQL database lifecycle over gRPC, behind policy, ownership, approvals and audit"
+)]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "DB_LIFECYCLE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DB_LIFECYCLE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -62,7 +72,11 @@ fn init_tracing(format: LogFormat) {
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -99,7 +113,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let config = Config::load(config.as_deref(), &Overrides::from_env())?;
             let applied = migrate(&config.metadata_url).await?;
-            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { applied.join(", ") });
+            println!(
+                "migrations applied: {}",
+                if applied.is_empty() {
+                    "none (up to date)".to_string()
+                } else {
+                    applied.join(", ")
+                }
+            );
             Ok(())
         }
         Command::HashToken => {

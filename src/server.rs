@@ -70,15 +70,16 @@ pub async fn run(
         audit: audit.clone(),
     };
     let auth = Arc::new(Authenticator::new(&config.principals));
-    let grpc = DatabaseLifecycleServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let grpc = DatabaseLifecycleServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let guarded = Guarded::new(grpc, auth, audit);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -139,7 +140,10 @@ pub async fn run(
             loop {
                 match approvals.recover_once(grace).await {
                     Ok(0) => {}
-                    Ok(n) => info!(driven = n, "recovery drove approved requests to a final state"),
+                    Ok(n) => info!(
+                        driven = n,
+                        "recovery drove approved requests to a final state"
+                    ),
                     Err(e) => warn!(error = %e, "recovery pass failed; will retry"),
                 }
                 grace = interval;
@@ -159,8 +163,10 @@ pub async fn run(
     }
 
     let health_for_shutdown = health.clone();
+    let (draining_tx, draining_rx) = oneshot::channel::<()>();
     let stop_signal = async move {
         shutdown.await;
+        let _ = draining_tx.send(());
         info!("shutdown requested: NOT_SERVING, finishing in-flight calls");
         health_for_shutdown
             .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
@@ -171,13 +177,25 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    Server::builder()
+    let serve = Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(guarded)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_signal)
-        .await?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_signal);
+    // In-flight calls get `shutdown_grace` to finish; a client that keeps an idle
+    // connection open must not hold the process forever.
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        served = serve => served?,
+        _ = async {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => warn!(?grace, "shutdown grace elapsed; closing remaining connections"),
+    }
 
     let _ = health_task.await;
     let _ = recovery_task.await;

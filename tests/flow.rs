@@ -14,7 +14,10 @@ async fn full_flow_create_approve_describe_delete_with_one_correlation_trail() {
     let created = agent.create("dev", &name).await.unwrap();
     assert_eq!(created.status, "approval_required");
     assert!(!created.request_id.is_empty());
-    assert!(!db_exists(&name).await, "nothing may be created before approval");
+    assert!(
+        !db_exists(&name).await,
+        "nothing may be created before approval"
+    );
 
     let applied = owner.approve(&created.request_id).await.unwrap();
     assert_eq!(applied.status, "applied", "{}", applied.message);
@@ -25,7 +28,10 @@ async fn full_flow_create_approve_describe_delete_with_one_correlation_trail() {
     assert!(described.exists && described.owned_by_project);
     assert_eq!(described.owner_project_id, "alpha");
 
-    expect_code(agent.delete("dev", &name, false).await, Code::FailedPrecondition);
+    expect_code(
+        agent.delete("dev", &name, false).await,
+        Code::FailedPrecondition,
+    );
     let del = agent.delete("dev", &name, true).await.unwrap();
     assert_eq!(del.status, "approval_required");
     let done = owner.approve(&del.request_id).await.unwrap();
@@ -34,13 +40,26 @@ async fn full_flow_create_approve_describe_delete_with_one_correlation_trail() {
     let rows = server
         .meta()
         .await
-        .query("SELECT 1 FROM project_databases WHERE database_name = $1", &[&name])
+        .query(
+            "SELECT 1 FROM project_databases WHERE database_name = $1",
+            &[&name],
+        )
         .await
         .unwrap();
     assert!(rows.is_empty(), "ownership row must be gone");
 
-    let trail = event_types(&agent.events_by_correlation(&created.correlation_id).await.unwrap());
-    for t in ["request.created", "request.approved", "apply.started", "request.applied"] {
+    let trail = event_types(
+        &agent
+            .events_by_correlation(&created.correlation_id)
+            .await
+            .unwrap(),
+    );
+    for t in [
+        "request.created",
+        "request.approved",
+        "apply.started",
+        "request.applied",
+    ] {
         assert!(trail.contains(&t.to_string()), "{t} missing from {trail:?}");
     }
 }

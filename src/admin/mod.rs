@@ -71,17 +71,21 @@ impl AdminClient {
     }
 
     async fn client(&self, target: &str) -> Result<deadpool_postgres::Client, ServiceError> {
-        let pool = self
-            .pools
-            .get(target)
-            .ok_or_else(|| ServiceError::Internal(format!("no admin pool for target `{target}`")))?;
-        pool.get().await.map_err(|e| ServiceError::target(target, e))
+        let pool = self.pools.get(target).ok_or_else(|| {
+            ServiceError::Internal(format!("no admin pool for target `{target}`"))
+        })?;
+        pool.get()
+            .await
+            .map_err(|e| ServiceError::target(target, e))
     }
 
     pub async fn exists(&self, target: &str, name: &DatabaseName) -> Result<bool, ServiceError> {
         let c = self.client(target).await?;
         let row = c
-            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name.as_str()])
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&name.as_str()],
+            )
             .await
             .map_err(|e| ServiceError::target(target, e))?;
         Ok(row.is_some())

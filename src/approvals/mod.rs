@@ -14,9 +14,7 @@ use uuid::Uuid;
 use crate::{
     admin::{AdminClient, EnsureOutcome},
     audit::Audit,
-    domain::{
-        Action, ApprovalMode, ApprovalRequest, ApprovalState, CallContext, LifecycleOutcome,
-    },
+    domain::{Action, ApprovalMode, ApprovalRequest, ApprovalState, CallContext, LifecycleOutcome},
     error::ServiceError,
     ownership::{OwnedCall, Plan},
     policy::Policy,
@@ -25,7 +23,12 @@ use crate::{
 
 /// Test-only fault injection: the process aborts (as a crash would) at a named step.
 /// Enabled only through the `fault_points` configuration key.
-pub const FAULT_POINTS: [&str; 4] = ["after_claim", "after_create", "after_drop", "before_finalize"];
+pub const FAULT_POINTS: [&str; 4] = [
+    "after_claim",
+    "after_create",
+    "after_drop",
+    "before_finalize",
+];
 
 const SYSTEM_ACTOR: &str = "db-lifecycle";
 const SYSTEM_KIND: &str = "system";
@@ -145,7 +148,14 @@ impl Approvals {
             ev.payload = json!({ "dry_run": call.dry_run });
             self.audit.record(&ev).await?;
             self.audit
-                .link(&ctx.correlation_id, None, &call.project_id, &call.environment, &call.database.target, &name)
+                .link(
+                    &ctx.correlation_id,
+                    None,
+                    &call.project_id,
+                    &call.environment,
+                    &call.database.target,
+                    &name,
+                )
                 .await?;
             return Ok(own_outcome("unchanged", message));
         }
@@ -165,7 +175,8 @@ impl Approvals {
             let mut ev = base_event();
             ev.event_type = "dry_run.checked";
             ev.message = message.clone();
-            ev.payload = json!({ "action": call.action, "approval_mode": call.approval_mode.as_str() });
+            ev.payload =
+                json!({ "action": call.action, "approval_mode": call.approval_mode.as_str() });
             self.audit.record(&ev).await?;
             return Ok(own_outcome("dry_run", message));
         }
@@ -246,10 +257,11 @@ impl Approvals {
                 let mut out = LifecycleOutcome::for_request(&req, "approval_required", message);
                 out.exists = owned.exists;
                 out.owned_by_project = owned.ownership.is_some();
-                out.owner_project_id = out
-                    .owned_by_project
-                    .then(|| req.project_id.clone())
-                    .unwrap_or_default();
+                out.owner_project_id = if out.owned_by_project {
+                    req.project_id.clone()
+                } else {
+                    String::new()
+                };
                 Ok(out)
             }
         }
@@ -259,9 +271,14 @@ impl Approvals {
     /// environment.
     async fn still_present(&self, call: &crate::policy::CheckedCall) -> Result<bool, ServiceError> {
         let target = &call.database.target;
-        let row = self.repo.ownership(target, call.database.name.as_str()).await?;
+        let row = self
+            .repo
+            .ownership(target, call.database.name.as_str())
+            .await?;
         let ours = row.is_some_and(|o| {
-            o.state == "active" && o.project_id == call.project_id && o.environment == call.environment
+            o.state == "active"
+                && o.project_id == call.project_id
+                && o.environment == call.environment
         });
         Ok(ours && self.admin.exists(target, &call.database.name).await?)
     }
@@ -363,7 +380,11 @@ impl Approvals {
                     .claim_for_apply(req.id, &ctx.principal.id, reason, ev)
                     .await?
             }
-            Decision::Deny => self.repo.deny(req.id, &ctx.principal.id, reason, ev).await?,
+            Decision::Deny => {
+                self.repo
+                    .deny(req.id, &ctx.principal.id, reason, ev)
+                    .await?
+            }
         };
         match (decided, decision) {
             (Some(claimed), Decision::Approve) => {
@@ -389,13 +410,13 @@ impl Approvals {
         id: Uuid,
         decision: Decision,
     ) -> Result<LifecycleOutcome, ServiceError> {
-        let mut current = self
-            .repo
-            .get_request(id)
-            .await?
-            .ok_or_else(|| ServiceError::RequestNotFound {
-                request_id: id.to_string(),
-            })?;
+        let mut current =
+            self.repo
+                .get_request(id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: id.to_string(),
+                })?;
         if current.state == ApprovalState::Requested {
             // Only an expired request fails the claim while still `requested`.
             self.repo.expire_due().await?;
@@ -422,9 +443,9 @@ impl Approvals {
                 "denied",
                 format!("request {id} was already denied"),
             )),
-            (ApprovalState::Expired, _) => {
-                Err(final_err("it can no longer be decided; submit a new request"))
-            }
+            (ApprovalState::Expired, _) => Err(final_err(
+                "it can no longer be decided; submit a new request",
+            )),
             (ApprovalState::Failed, _) => Err(final_err(&format!(
                 "apply failed ({}); submit a new request",
                 current.failure_reason.clone().unwrap_or_default()
@@ -488,7 +509,10 @@ impl Approvals {
                 })?;
         } else {
             let got: bool = lock_tx
-                .query_one("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
+                .query_one(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
                 .await
                 .map_err(ServiceError::metadata)?
                 .get(0);
@@ -501,13 +525,13 @@ impl Approvals {
             }
         }
         // Re-read under the lock: another replica may have finished it meanwhile.
-        let current = self
-            .repo
-            .get_request(req.id)
-            .await?
-            .ok_or_else(|| ServiceError::RequestNotFound {
-                request_id: req.id.to_string(),
-            })?;
+        let current =
+            self.repo
+                .get_request(req.id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: req.id.to_string(),
+                })?;
         let outcome = if current.state == ApprovalState::Approved {
             self.fault("after_claim");
             let mut started =
@@ -622,21 +646,34 @@ impl Approvals {
                     Effect::Created { already_existed } => {
                         self.repo.activate_ownership(&tx, req).await?;
                         (
-                            format!("database `{}` created and owned by project `{}`", req.database_name, req.project_id),
+                            format!(
+                                "database `{}` created and owned by project `{}`",
+                                req.database_name, req.project_id
+                            ),
                             json!({ "effect": "created", "already_existed": already_existed }),
                         )
                     }
                     Effect::Dropped { already_gone } => {
                         self.repo.remove_ownership(&tx, req).await?;
                         let message = if *already_gone {
-                            format!("database `{}` was already gone (dropped outside the service); ownership row removed", req.database_name)
+                            format!(
+                                "database `{}` was already gone (dropped outside the service); ownership row removed",
+                                req.database_name
+                            )
                         } else {
-                            format!("database `{}` dropped; ownership row removed", req.database_name)
+                            format!(
+                                "database `{}` dropped; ownership row removed",
+                                req.database_name
+                            )
                         };
-                        (message, json!({ "effect": "dropped", "already_gone": already_gone }))
+                        (
+                            message,
+                            json!({ "effect": "dropped", "already_gone": already_gone }),
+                        )
                     }
                 };
-                let mut ev = Audit::request_event(req, "request.applied", SYSTEM_ACTOR, SYSTEM_KIND);
+                let mut ev =
+                    Audit::request_event(req, "request.applied", SYSTEM_ACTOR, SYSTEM_KIND);
                 ev.message = message;
                 ev.payload = payload;
                 (ApprovalState::Applied, ev)
@@ -660,13 +697,13 @@ impl Approvals {
         } else {
             drop(tx);
         }
-        let current = self
-            .repo
-            .get_request(req.id)
-            .await?
-            .ok_or_else(|| ServiceError::RequestNotFound {
-                request_id: req.id.to_string(),
-            })?;
+        let current =
+            self.repo
+                .get_request(req.id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: req.id.to_string(),
+                })?;
         info!(request_id = %req.id, state = %current.state, "apply finished");
         Ok(self.report(&current))
     }
@@ -676,8 +713,14 @@ impl Approvals {
             ApprovalState::Applied => (
                 "applied",
                 match req.action {
-                    Action::Create => format!("database `{}` exists and is owned by project `{}`", req.database_name, req.project_id),
-                    _ => format!("database `{}` dropped and its ownership removed", req.database_name),
+                    Action::Create => format!(
+                        "database `{}` exists and is owned by project `{}`",
+                        req.database_name, req.project_id
+                    ),
+                    _ => format!(
+                        "database `{}` dropped and its ownership removed",
+                        req.database_name
+                    ),
                 },
             ),
             ApprovalState::Failed => (
@@ -690,7 +733,10 @@ impl Approvals {
             ),
             ApprovalState::Denied => ("denied", format!("request {} was denied", req.id)),
             ApprovalState::Expired => ("expired", format!("request {} expired", req.id)),
-            ApprovalState::Approved => ("in_progress", format!("request {} is being applied", req.id)),
+            ApprovalState::Approved => (
+                "in_progress",
+                format!("request {} is being applied", req.id),
+            ),
             ApprovalState::Requested => (
                 "approval_required",
                 format!("request {} is waiting for approval", req.id),

@@ -98,7 +98,9 @@ impl Audit {
             actor_kind: principal
                 .map(|p| p.kind.as_str().to_string())
                 .unwrap_or_default(),
-            outcome: if err.code() == tonic::Code::Unavailable || err.code() == tonic::Code::Internal {
+            outcome: if err.code() == tonic::Code::Unavailable
+                || err.code() == tonic::Code::Internal
+            {
                 "error"
             } else {
                 "refused"

@@ -119,7 +119,10 @@ impl Ownerships {
 impl Ownerships {
     /// Describe (R4): read-only, no request, answers from the ownership row and the
     /// catalog. Audited by the caller.
-    pub async fn describe(&self, owned: &OwnedCall) -> Result<crate::domain::LifecycleOutcome, ServiceError> {
+    pub async fn describe(
+        &self,
+        owned: &OwnedCall,
+    ) -> Result<crate::domain::LifecycleOutcome, ServiceError> {
         let facts = self.facts(owned).await?;
         let call = &owned.call;
         let owned_by_project = owned.ownership.is_some();
@@ -130,7 +133,10 @@ impl Ownerships {
             .unwrap_or_default();
         let name = call.database.name.to_string();
         let message = match (owned_by_project, facts.is_some()) {
-            (true, true) => format!("database `{name}` exists and is owned by project `{}`", call.project_id),
+            (true, true) => format!(
+                "database `{name}` exists and is owned by project `{}`",
+                call.project_id
+            ),
             (true, false) => format!(
                 "database `{name}` is registered to project `{}` but does not exist on the cluster (dropped outside the service?); create it again or delete to clean up",
                 call.project_id
@@ -148,7 +154,11 @@ impl Ownerships {
             applied: false,
             exists: facts.is_some(),
             owned_by_project,
-            owner_project_id: if owned_by_project { call.project_id.clone() } else { String::new() },
+            owner_project_id: if owned_by_project {
+                call.project_id.clone()
+            } else {
+                String::new()
+            },
             registered_environment: registered,
             dry_run: false,
             message,

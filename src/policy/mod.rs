@@ -9,8 +9,8 @@ use regex::Regex;
 use crate::{
     config::Config,
     domain::{
-        Action, ApprovalMode, ApprovalRequest, DatabaseName, DatabaseRef, Principal,
-        PrincipalKind, Role,
+        Action, ApprovalMode, ApprovalRequest, DatabaseName, DatabaseRef, Principal, PrincipalKind,
+        Role,
     },
     error::ServiceError,
 };
@@ -87,7 +87,10 @@ pub struct NameRules {
 impl NameRules {
     pub fn new(pattern: &str, max_bytes: usize, hint: &str) -> Result<Self, regex::Error> {
         // Anchor whatever was configured: the whole name must match.
-        let anchored = format!("^(?:{})$", pattern.trim_start_matches('^').trim_end_matches('$'));
+        let anchored = format!(
+            "^(?:{})$",
+            pattern.trim_start_matches('^').trim_end_matches('$')
+        );
         Ok(Self {
             pattern: Regex::new(&anchored)?,
             pattern_src: pattern.to_string(),
@@ -249,8 +252,7 @@ impl Policy {
     ) -> Result<String, ServiceError> {
         let raw = raw.trim();
         if raw.is_empty() {
-            let concrete: Vec<&String> =
-                principal.projects.iter().filter(|p| *p != "*").collect();
+            let concrete: Vec<&String> = principal.projects.iter().filter(|p| *p != "*").collect();
             return match (concrete.as_slice(), principal.covers_all_projects()) {
                 ([only], false) => Ok((*only).clone()),
                 ([], false) => Err(ServiceError::forbidden(format!(

@@ -473,10 +473,7 @@ impl Repository {
     /// Write the apply intent before touching the target cluster: upsert the row in
     /// state `creating` (create) for this project and environment. Returns None when
     /// the name is owned by another project or registered in another environment.
-    pub async fn mark_creating(
-        &self,
-        req: &ApprovalRequest,
-    ) -> Result<Option<Ownership>> {
+    pub async fn mark_creating(&self, req: &ApprovalRequest) -> Result<Option<Ownership>> {
         let c = self.client().await?;
         let row = c
             .query_opt(

@@ -39,7 +39,11 @@ pub fn state_from_proto(s: proto::ApprovalState) -> ApprovalState {
 pub fn result(o: LifecycleOutcome, correlation_id: &str) -> proto::LifecycleResult {
     proto::LifecycleResult {
         status: o.status.to_string(),
-        request_id: o.request.as_ref().map(|r| r.id.to_string()).unwrap_or_default(),
+        request_id: o
+            .request
+            .as_ref()
+            .map(|r| r.id.to_string())
+            .unwrap_or_default(),
         approval_state: o
             .request
             .as_ref()

@@ -16,7 +16,7 @@ use crate::{
     ownership::Ownerships,
     policy::{Policy, RawCall, printable},
     proto::{self, database_lifecycle_server::DatabaseLifecycle},
-    repository::{RequestFilter, Repository},
+    repository::{Repository, RequestFilter},
     transport::convert,
 };
 
@@ -135,7 +135,8 @@ impl LifecycleService {
                 ev.environment = out.environment.clone();
                 ev.database_name = out.database_name.clone();
                 ev.message = out.message.clone();
-                ev.payload = json!({ "exists": out.exists, "owned_by_project": out.owned_by_project });
+                ev.payload =
+                    json!({ "exists": out.exists, "owned_by_project": out.owned_by_project });
                 self.audit.record(&ev).await?;
                 self.audit
                     .link(
@@ -177,8 +178,14 @@ impl LifecycleService {
                 format!("at most {MAX_REASON_CHARS} characters"),
             ));
         }
-        if reason.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-            return Err(ServiceError::invalid("reason", "must not contain control characters"));
+        if reason
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(ServiceError::invalid(
+                "reason",
+                "must not contain control characters",
+            ));
         }
         // The contract (proto): a reason is required when denying.
         if decision == Decision::Deny && reason.is_empty() {
@@ -187,13 +194,13 @@ impl LifecycleService {
                 "required when denying: say why, it is recorded in the audit trail",
             ));
         }
-        let req = self
-            .repo
-            .get_request(id)
-            .await?
-            .ok_or_else(|| ServiceError::RequestNotFound {
-                request_id: id.to_string(),
-            })?;
+        let req =
+            self.repo
+                .get_request(id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: id.to_string(),
+                })?;
         self.policy.check_decider(&ctx.principal, &req)?;
         self.approvals.decide(ctx, req, decision, reason).await
     }
@@ -204,13 +211,13 @@ impl LifecycleService {
         raw_id: &str,
     ) -> Result<proto::ApprovalRequest, ServiceError> {
         let id = parse_request_id(raw_id)?;
-        let req = self
-            .repo
-            .get_request(id)
-            .await?
-            .ok_or_else(|| ServiceError::RequestNotFound {
-                request_id: id.to_string(),
-            })?;
+        let req =
+            self.repo
+                .get_request(id)
+                .await?
+                .ok_or_else(|| ServiceError::RequestNotFound {
+                    request_id: id.to_string(),
+                })?;
         if !ctx.principal.covers_project(&req.project_id) {
             return Err(ServiceError::forbidden(format!(
                 "request {id} belongs to a project outside the scope of principal `{}`",
@@ -289,36 +296,38 @@ impl LifecycleService {
                 "give exactly one of correlation_id or request_id",
             ));
         }
-        let rows = if !cid.is_empty() {
-            if !crate::transport::middleware::valid_correlation_id(cid) {
-                return Err(ServiceError::invalid("correlation_id", "not a correlation id"));
-            }
-            self.repo
-                .events_by_correlation(
-                    cid,
-                    after_id,
-                    limit + 1,
-                    self.policy.readable_projects(&ctx.principal).as_deref(),
-                    &ctx.principal.id,
-                )
-                .await?
-        } else {
-            let id = parse_request_id(rid)?;
-            let req = self
-                .repo
-                .get_request(id)
-                .await?
-                .ok_or_else(|| ServiceError::RequestNotFound {
-                    request_id: id.to_string(),
+        let rows =
+            if !cid.is_empty() {
+                if !crate::transport::middleware::valid_correlation_id(cid) {
+                    return Err(ServiceError::invalid(
+                        "correlation_id",
+                        "not a correlation id",
+                    ));
+                }
+                self.repo
+                    .events_by_correlation(
+                        cid,
+                        after_id,
+                        limit + 1,
+                        self.policy.readable_projects(&ctx.principal).as_deref(),
+                        &ctx.principal.id,
+                    )
+                    .await?
+            } else {
+                let id = parse_request_id(rid)?;
+                let req = self.repo.get_request(id).await?.ok_or_else(|| {
+                    ServiceError::RequestNotFound {
+                        request_id: id.to_string(),
+                    }
                 })?;
-            if !ctx.principal.covers_project(&req.project_id) {
-                return Err(ServiceError::forbidden(format!(
-                    "request {id} belongs to a project outside the scope of principal `{}`",
-                    ctx.principal.id
-                )));
-            }
-            self.repo.events_by_request(id, after_id, limit + 1).await?
-        };
+                if !ctx.principal.covers_project(&req.project_id) {
+                    return Err(ServiceError::forbidden(format!(
+                        "request {id} belongs to a project outside the scope of principal `{}`",
+                        ctx.principal.id
+                    )));
+                }
+                self.repo.events_by_request(id, after_id, limit + 1).await?
+            };
         let more = rows.len() as i64 > limit;
         let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
         let next_page_token = match (more, rows.last()) {
@@ -337,7 +346,9 @@ impl LifecycleService {
         msg: &proto::ListDatabasesRequest,
     ) -> Result<proto::ListDatabasesResponse, ServiceError> {
         let limit = page_size(msg.page_size)?;
-        let project = self.policy.resolve_project(&ctx.principal, &msg.project_id)?;
+        let project = self
+            .policy
+            .resolve_project(&ctx.principal, &msg.project_id)?;
         let environment = match msg.environment.trim() {
             "" => None,
             e => Some(self.policy.environment(e)?),
@@ -345,7 +356,12 @@ impl LifecycleService {
         let after = decode_token("d", &msg.page_token)?;
         let rows = self
             .repo
-            .list_databases(&project, environment.as_deref(), after.as_deref(), limit + 1)
+            .list_databases(
+                &project,
+                environment.as_deref(),
+                after.as_deref(),
+                limit + 1,
+            )
             .await?;
         let more = rows.len() as i64 > limit;
         let rows: Vec<_> = rows.into_iter().take(limit as usize).collect();
@@ -477,7 +493,10 @@ impl DatabaseLifecycle for LifecycleService {
         let m = request.into_inner();
         let result = self.list_requests_inner(&ctx, &m).await;
         let input = input_summary(
-            &[("project_id", &m.project_id), ("environment", &m.environment)],
+            &[
+                ("project_id", &m.project_id),
+                ("environment", &m.environment),
+            ],
             &[],
         );
         self.respond(&ctx, "ListRequests", input, result).await
@@ -491,7 +510,10 @@ impl DatabaseLifecycle for LifecycleService {
         let m = request.into_inner();
         let result = self.list_events_inner(&ctx, &m).await;
         let input = input_summary(
-            &[("correlation_id", &m.correlation_id), ("request_id", &m.request_id)],
+            &[
+                ("correlation_id", &m.correlation_id),
+                ("request_id", &m.request_id),
+            ],
             &[],
         );
         self.respond(&ctx, "ListFlowEvents", input, result).await
@@ -505,7 +527,10 @@ impl DatabaseLifecycle for LifecycleService {
         let m = request.into_inner();
         let result = self.list_databases_inner(&ctx, &m).await;
         let input = input_summary(
-            &[("project_id", &m.project_id), ("environment", &m.environment)],
+            &[
+                ("project_id", &m.project_id),
+                ("environment", &m.environment),
+            ],
             &[],
         );
         self.respond(&ctx, "ListDatabases", input, result).await

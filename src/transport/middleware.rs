@@ -30,8 +30,7 @@ const MAX_CORRELATION_LEN: usize = 128;
 pub fn valid_correlation_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_CORRELATION_LEN
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
@@ -68,7 +67,10 @@ impl Authenticator {
             .get(http::header::AUTHORIZATION)
             .ok_or(ServiceError::MissingToken)?;
         let value = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
-        let (scheme, token) = value.trim().split_once(' ').ok_or(ServiceError::InvalidToken)?;
+        let (scheme, token) = value
+            .trim()
+            .split_once(' ')
+            .ok_or(ServiceError::InvalidToken)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ServiceError::InvalidToken);
         }
@@ -151,7 +153,8 @@ where
                 Some(_) => (new_correlation_id(), true),
                 None => (new_correlation_id(), false),
             };
-            let span = tracing::info_span!("rpc", correlation_id = %correlation_id, method = %method);
+            let span =
+                tracing::info_span!("rpc", correlation_id = %correlation_id, method = %method);
             async move {
                 if bad_correlation {
                     let err = ServiceError::invalid(
