@@ -153,6 +153,7 @@ async fn dev(listen: String, state_file: Option<PathBuf>) -> anyhow::Result<()> 
     let agent = random_token("agent");
     let owner = random_token("owner");
     let other = random_token("other");
+    let other_agent = random_token("agent");
     let admin = random_token("admin");
     let text = format!(
         r#"
@@ -181,6 +182,13 @@ roles = ["owner", "requester"]
 token_sha256 = "{other_h}"
 
 [[principals]]
+id = "other-agent"
+kind = "agent"
+projects = ["other"]
+roles = ["requester"]
+token_sha256 = "{other_agent_h}"
+
+[[principals]]
 id = "root"
 kind = "human"
 projects = ["*"]
@@ -192,6 +200,7 @@ token_sha256 = "{admin_h}"
         agent_h = token_sha256_hex(&agent),
         owner_h = token_sha256_hex(&owner),
         other_h = token_sha256_hex(&other),
+        other_agent_h = token_sha256_hex(&other_agent),
         admin_h = token_sha256_hex(&admin),
     );
     let mut overrides = Overrides::from_env();
@@ -211,7 +220,13 @@ token_sha256 = "{admin_h}"
     if let Some(path) = state_file {
         let state = serde_json::json!({
             "address": addr.to_string(),
-            "tokens": { "requester": agent, "approver": owner, "other_project": other, "admin": admin },
+            "tokens": {
+                "requester": agent,
+                "approver": owner,
+                "other_project": other,
+                "other_agent": other_agent,
+                "admin": admin,
+            },
             "admin_url": cluster.url("postgres"),
             "metadata_url": cluster.url("db_lifecycle_meta"),
             "pg_port": cluster.port(),
@@ -228,6 +243,7 @@ Dev tokens (valid for this run only):
   requester  demo-agent (agent, project demo):  {agent}
   approver   alice (human, owner of demo):       {owner}
   other      bob (human, owner of other):        {other}
+  agent 2    other-agent (agent, project other): {other_agent}
   admin      root (human, admin of *):           {admin}
 
 Try it (grpcurl uses reflection; no proto files needed):
