@@ -168,8 +168,13 @@ impl From<tokio_postgres::Error> for DbError {
             Some(db) => {
                 let code = db.code().code();
                 // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
-                // 08xxx connection exceptions, 53300 too_many_connections.
-                if code.starts_with("08") || code.starts_with("57P") || code == "53300" {
+                // 08xxx connection exceptions, 53300 too_many_connections; and conditions
+                // that pass by themselves: 55006 object_in_use (e.g. the template
+                // database is busy), 40001/40P01 serialization failure and deadlock.
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || matches!(code, "53300" | "55006" | "40001" | "40P01")
+                {
                     DbError::Unreachable(db.message().to_string())
                 } else {
                     DbError::Other(format!("{} ({})", db.message(), code))
