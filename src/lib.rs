@@ -8,6 +8,7 @@ pub mod config;
 pub mod devcluster;
 pub mod domain;
 pub mod error;
+pub mod mcp;
 pub mod ownership;
 pub mod policy;
 pub mod repository;

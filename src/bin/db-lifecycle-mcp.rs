@@ -1,0 +1,212 @@
+//! `db-lifecycle-mcp`: the MCP bridge sidecar. Speaks MCP to agents (stdio or
+//! streamable HTTP) and forwards every tool call to the db-lifecycle gRPC service.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use db_lifecycle::mcp::{
+    BridgeSettings, Credentials, LifecycleBridge, SecretToken, ToolNaming,
+    forward::{ForwardTimeouts, ServiceClient},
+    http::{self, HttpOptions, MCP_PATH},
+};
+use rmcp::ServiceExt;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "db-lifecycle-mcp",
+    version,
+    about = "MCP bridge to the db-lifecycle gRPC service: agents create, delete, describe and \
+             follow PostgreSQL databases through tools; the service decides"
+)]
+struct Cli {
+    /// gRPC address of the db-lifecycle service.
+    #[arg(
+        long,
+        env = "DB_LIFECYCLE_MCP_SERVICE_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    service_url: String,
+    /// stdio: one local agent starts the bridge as a child process. http: streamable
+    /// HTTP at /mcp, each request's bearer token forwarded.
+    #[arg(long, value_enum, env = "DB_LIFECYCLE_MCP_TRANSPORT", default_value = "stdio")]
+    transport: Transport,
+    /// Listen address for --transport http.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Name of the environment variable holding the agent's token (--transport stdio).
+    #[arg(long, env = "DB_LIFECYCLE_MCP_TOKEN_ENV", default_value = "DB_LIFECYCLE_TOKEN")]
+    token_env: String,
+    /// Offer only `describe` (the lifecycle tool is marked read-only).
+    #[arg(long, env = "DB_LIFECYCLE_MCP_READ_ONLY")]
+    read_only: bool,
+    /// Comma separated environments to offer (others are refused by the bridge).
+    /// Unset: any environment is forwarded and the service's allowlist decides.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_ENVIRONMENTS")]
+    environments: Option<String>,
+    /// Tool names: dotted (database.lifecycle), underscore (database_lifecycle), or both.
+    #[arg(long, value_enum, env = "DB_LIFECYCLE_MCP_TOOL_NAMES", default_value = "dotted")]
+    tool_names: ToolNaming,
+    /// Comma separated Host values accepted over HTTP (host or host:port), e.g. the
+    /// pod's service name. Default: loopback only (localhost, 127.0.0.1, ::1).
+    #[arg(long, env = "DB_LIFECYCLE_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Comma separated browser Origins accepted over HTTP (scheme://host[:port]).
+    /// Default: Origin is not checked (agents are not browsers).
+    #[arg(long, env = "DB_LIFECYCLE_MCP_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Largest HTTP request body accepted (bytes); larger ones get 413.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    max_body_bytes: usize,
+    /// Timeout for connecting to the service.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_CONNECT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Timeout for one call to the service.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Log format on stderr (stdout carries MCP in stdio mode).
+    #[arg(long, value_enum, env = "DB_LIFECYCLE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Stdio,
+    Http,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error(
+        "no token: set the environment variable {0} to this agent's db-lifecycle token \
+         (or name another variable with --token-env)"
+    )]
+    MissingToken(String),
+    #[error("--max-body-bytes must be at least 1024")]
+    BodyLimitTooSmall,
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("DB_LIFECYCLE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,rmcp=warn,h2=warn,tower=warn,hyper=warn"));
+    // Logs go to stderr: in stdio mode stdout is the MCP channel.
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("db-lifecycle-mcp: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancelled on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        cancel.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = BridgeSettings {
+        read_only: cli.read_only,
+        environments: BridgeSettings::parse_environments(cli.environments.as_deref()),
+        tool_naming: cli.tool_names,
+        ..BridgeSettings::default()
+    };
+    let service = ServiceClient::new(
+        &cli.service_url,
+        ForwardTimeouts {
+            connect: cli.connect_timeout,
+            request: cli.request_timeout,
+        },
+    )?;
+    let shutdown = shutdown_on_signal();
+    tracing::info!(
+        service_url = %cli.service_url,
+        read_only = settings.read_only,
+        environments = ?settings.environments,
+        tool_names = ?settings.tool_naming,
+        "db-lifecycle-mcp starting"
+    );
+    match cli.transport {
+        Transport::Stdio => {
+            let token = std::env::var(&cli.token_env)
+                .ok()
+                .and_then(SecretToken::new)
+                .ok_or_else(|| StartError::MissingToken(cli.token_env.clone()))?;
+            let bridge = LifecycleBridge::new(settings, service, Credentials::Fixed(token));
+            let running = bridge
+                .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown.clone())
+                .await?;
+            let reason = running.waiting().await?;
+            tracing::info!(?reason, "stdio session ended");
+            Ok(())
+        }
+        Transport::Http => {
+            if cli.max_body_bytes < 1024 {
+                return Err(StartError::BodyLimitTooSmall.into());
+            }
+            if std::env::var_os(&cli.token_env).is_some() {
+                tracing::warn!(
+                    "{} is set but ignored over HTTP: each request's own bearer token is used",
+                    cli.token_env
+                );
+            }
+            let bridge = LifecycleBridge::new(settings, service, Credentials::PerRequestBearer);
+            let options = HttpOptions {
+                allowed_hosts: cli.allowed_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
+                allowed_origins: cli.allowed_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
+                max_body_bytes: cli.max_body_bytes,
+            };
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                if let Ok(addr) = ready_rx.await {
+                    // A stable line on stdout that scripts and tests wait for.
+                    println!("db-lifecycle-mcp listening on http://{addr}{MCP_PATH}");
+                }
+            });
+            http::serve(bridge, cli.listen, options, shutdown, Some(ready_tx)).await?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Forwarding tool calls to the `DatabaseLifecycle` gRPC service.
+//!
+//! The channel connects lazily and reconnects by itself, so the bridge starts (and
+//! keeps running) while the service is down; such calls fail fast with UNAVAILABLE.
+//! Every call carries the agent's bearer token and a correlation id the bridge
+//! generates, so even a call that never reached the service has an id to quote.
+
+use std::time::Duration;
+
+use tonic::{
+    Code, Request, Status,
+    metadata::{AsciiMetadataValue, MetadataMap},
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    error::CORRELATION_HEADER,
+    mcp::{
+        outcome::{FailureSource, ToolFailure},
+        settings::SecretToken,
+    },
+    proto::{self, database_lifecycle_client::DatabaseLifecycleClient},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardSetupError {
+    #[error("service URL `{url}` is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+}
+
+/// Timeouts for talking to the service.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardTimeouts {
+    /// Establishing a connection (per attempt).
+    pub connect: Duration,
+    /// One RPC, end to end.
+    pub request: Duration,
+}
+
+impl Default for ForwardTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(3),
+            request: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A cheap-to-clone handle on the service.
+#[derive(Clone)]
+pub struct ServiceClient {
+    channel: Channel,
+    /// For messages only ("cannot reach the service at ...").
+    url: String,
+    timeouts: ForwardTimeouts,
+}
+
+/// A successful answer and the correlation id the service used for it.
+pub struct Answer<T> {
+    pub body: T,
+    pub correlation_id: String,
+}
+
+/// A fresh correlation id for one tool call (the service accepts callers' ids).
+pub fn new_correlation_id() -> String {
+    format!("mcp-{}", uuid::Uuid::new_v4())
+}
+
+impl ServiceClient {
+    pub fn new(url: &str, timeouts: ForwardTimeouts) -> Result<Self, ForwardSetupError> {
+        let bad = |reason: String| ForwardSetupError::BadUrl {
+            url: url.to_string(),
+            reason,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        if parsed.scheme() != "http" {
+            // This build talks plaintext gRPC to a service beside it (same pod or host).
+            return Err(bad("only http:// is supported (the service runs beside the bridge)".into()));
+        }
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request)
+            .tcp_nodelay(true);
+        Ok(Self {
+            channel: endpoint.connect_lazy(),
+            url: url.to_string(),
+            timeouts,
+        })
+    }
+
+    fn client(&self) -> DatabaseLifecycleClient<Channel> {
+        DatabaseLifecycleClient::new(self.channel.clone())
+    }
+
+    fn request<T>(
+        &self,
+        body: T,
+        token: &SecretToken,
+        correlation_id: &str,
+    ) -> Result<Request<T>, ToolFailure> {
+        let mut request = Request::new(body);
+        request.set_timeout(self.timeouts.request);
+        let bearer = AsciiMetadataValue::try_from(format!("Bearer {}", token.expose()))
+            .map_err(|_| {
+                ToolFailure::new(
+                    Code::Unauthenticated,
+                    "the bearer token contains characters that cannot be sent in a header",
+                    correlation_id,
+                )
+            })?;
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", bearer);
+        if let Ok(id) = AsciiMetadataValue::try_from(correlation_id) {
+            metadata.insert(CORRELATION_HEADER, id);
+        }
+        Ok(request)
+    }
+
+    /// Map a gRPC status to a tool failure. A status without the service's
+    /// correlation header never reached the service (connect failure, deadline):
+    /// say so plainly, and keep the bridge's own correlation id.
+    fn failure(&self, status: Status, sent_correlation_id: &str) -> ToolFailure {
+        match correlation_from(status.metadata()) {
+            Some(correlation_id) => ToolFailure {
+                code: status.code(),
+                message: status.message().to_string(),
+                correlation_id,
+                origin: FailureSource::Service,
+            },
+            None => {
+                let message = match status.code() {
+                    Code::Unavailable => format!(
+                        "service unavailable: the db-lifecycle service at {} cannot be reached \
+                         ({}); nothing was changed; retry later",
+                        self.url,
+                        status.message()
+                    ),
+                    Code::DeadlineExceeded | Code::Cancelled => format!(
+                        "the db-lifecycle service at {} did not answer within {}s; the call may \
+                         or may not have been processed; check with describe or request_status",
+                        self.url,
+                        self.timeouts.request.as_secs()
+                    ),
+                    _ => format!(
+                        "calling the db-lifecycle service at {} failed: {}",
+                        self.url,
+                        status.message()
+                    ),
+                };
+                ToolFailure::new(status.code(), message, sent_correlation_id)
+            }
+        }
+    }
+
+    fn answer<T>(
+        &self,
+        result: Result<tonic::Response<T>, Status>,
+        correlation_id: &str,
+    ) -> Result<Answer<T>, ToolFailure> {
+        match result {
+            Ok(response) => {
+                let correlation_id = correlation_from(response.metadata())
+                    .unwrap_or_else(|| correlation_id.to_string());
+                Ok(Answer {
+                    body: response.into_inner(),
+                    correlation_id,
+                })
+            }
+            Err(status) => Err(self.failure(status, correlation_id)),
+        }
+    }
+
+    pub async fn create(
+        &self,
+        token: &SecretToken,
+        correlation_id: &str,
+        body: proto::CreateDatabaseRequest,
+    ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
+        let request = self.request(body, token, correlation_id)?;
+        self.answer(self.client().create(request).await, correlation_id)
+    }
+
+    pub async fn delete(
+        &self,
+        token: &SecretToken,
+        correlation_id: &str,
+        body: proto::DeleteDatabaseRequest,
+    ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
+        let request = self.request(body, token, correlation_id)?;
+        self.answer(self.client().delete(request).await, correlation_id)
+    }
+
+    pub async fn describe(
+        &self,
+        token: &SecretToken,
+        correlation_id: &str,
+        body: proto::DescribeDatabaseRequest,
+    ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
+        let request = self.request(body, token, correlation_id)?;
+        self.answer(self.client().describe(request).await, correlation_id)
+    }
+
+    pub async fn get_request(
+        &self,
+        token: &SecretToken,
+        correlation_id: &str,
+        request_id: &str,
+    ) -> Result<Answer<proto::ApprovalRequest>, ToolFailure> {
+        let body = proto::GetRequestRequest {
+            request_id: request_id.to_string(),
+        };
+        let request = self.request(body, token, correlation_id)?;
+        self.answer(self.client().get_request(request).await, correlation_id)
+    }
+}
+
+fn correlation_from(metadata: &MetadataMap) -> Option<String> {
+    metadata
+        .get(CORRELATION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
