@@ -1,0 +1,182 @@
+"""Every error class of design §5 reaches the agent as an isError tool result with
+the gRPC code, a message and a correlation id; an outage is "unavailable" and the
+bridge recovers; the HTTP endpoint refuses what it must."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import anyio
+import httpx2
+import pytest
+from bridge_support import REQUEST_STATUS, create, create_applied, failed, lifecycle, ok
+from conftest import RestartableService, Service, http_client, stdio_client, unique_name
+
+pytestmark = pytest.mark.anyio
+
+
+def make_unmanaged_database(service: Service, name: str) -> None:
+    """A database the service did not create (made directly with psql)."""
+    subprocess.run(
+        ["psql", service.admin_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+async def test_service_refusals_arrive_as_tool_errors(connect, service: Service) -> None:
+    unmanaged = unique_name("unmanaged")
+    await anyio.to_thread.run_sync(make_unmanaged_database, service, unmanaged)
+    busy = unique_name()
+    async with connect() as client:
+        invalid = failed(await create(client, "Not A Valid Name!"), "INVALID_ARGUMENT")
+        assert invalid["origin"] == "service" and "database_name" in invalid["message"]
+
+        not_allowed = failed(await create(client, unique_name(), environment="nowhere"), "PERMISSION_DENIED")
+        assert "allowed environments" in not_allowed["message"]
+        failed(await create(client, "postgres"), "PERMISSION_DENIED")
+
+        # A delete is open for `busy`; a create of it conflicts with that request.
+        await create_applied(client, service, busy)
+        deleting = ok(
+            await lifecycle(client, action="delete", environment="dev", database_name=busy, confirm_delete=True)
+        )
+        open_request = failed(await create(client, busy), "FAILED_PRECONDITION")
+        assert deleting["request_id"] in open_request["message"]
+
+        exists = failed(await create(client, unmanaged), "ALREADY_EXISTS")
+        assert "not managed" in exists["message"]
+        failed(
+            await lifecycle(client, action="delete", environment="dev", database_name=unmanaged, confirm_delete=True),
+            "NOT_FOUND",
+        )
+        unknown = failed(await client.call_tool(REQUEST_STATUS, {"request_id": str(uuid.uuid4())}), "NOT_FOUND")
+        assert unknown["retryable"] is False
+        failed(await client.call_tool(REQUEST_STATUS, {"request_id": "not-a-uuid"}), "INVALID_ARGUMENT")
+
+    # The correlation id is the service's: the refusal is in the audit trail under it.
+    events = await anyio.to_thread.run_sync(
+        lambda: service.grpc("ListFlowEvents", {"correlation_id": not_allowed["correlation_id"]}, service.tokens["admin"])
+    )
+    assert any(e.get("statusCode") == "PERMISSION_DENIED" for e in events.get("events", [])), events
+
+
+async def test_bad_token_is_unauthenticated(transport: str, service: Service, http_bridge) -> None:
+    if transport == "stdio":
+        opened = stdio_client(service.url, "not-a-valid-token")
+    else:
+        opened = http_client(http_bridge.url, "not-a-valid-token")
+    async with opened as client:
+        refused = failed(
+            await lifecycle(client, action="describe", environment="dev", database_name="orders"), "UNAUTHENTICATED"
+        )
+    assert refused["origin"] == "service"
+
+
+async def test_bridge_checks_argument_shapes(connect) -> None:
+    async with connect() as client:
+        bad_action = failed(
+            await lifecycle(client, action="drop", environment="dev", database_name="x"), "INVALID_ARGUMENT"
+        )
+        assert bad_action["origin"] == "bridge" and "create, delete or describe" in bad_action["message"]
+        failed(await client.call_tool("database.lifecycle", {"action": "create", "environment": "dev"}), "INVALID_ARGUMENT")
+        too_long = failed(
+            await client.call_tool(REQUEST_STATUS, {"request_id": str(uuid.uuid4()), "wait_seconds": 301}),
+            "INVALID_ARGUMENT",
+        )
+        assert "300" in too_long["message"]
+
+
+async def test_stopped_service_is_unavailable_and_the_bridge_recovers(
+    transport: str, restartable_service: RestartableService, start_http_bridge
+) -> None:
+    token = restartable_service.dev.tokens["requester"]
+    if transport == "stdio":
+        opened = stdio_client(restartable_service.url, token)
+    else:
+        opened = http_client(start_http_bridge(restartable_service.url).url, token)
+    async with opened as client:
+        name = unique_name()
+        assert ok(await lifecycle(client, action="describe", environment="dev", database_name=name))["exists"] is False
+
+        await anyio.to_thread.run_sync(restartable_service.stop)
+        down = failed(await lifecycle(client, action="describe", environment="dev", database_name=name), "UNAVAILABLE")
+        assert "service unavailable" in down["message"]
+        assert down["retryable"] is True and down["origin"] == "bridge"
+        # Waiting on a request while the service is down ends with the same answer.
+        waiting = failed(
+            await client.call_tool(REQUEST_STATUS, {"request_id": str(uuid.uuid4()), "wait_seconds": 2}), "UNAVAILABLE"
+        )
+        assert "service unavailable" in waiting["message"]
+
+        await anyio.to_thread.run_sync(restartable_service.start)
+        # The same bridge process and MCP session: the channel reconnects by itself.
+        recovered = None
+        with anyio.fail_after(30):
+            while recovered is None:
+                result = await lifecycle(client, action="describe", environment="dev", database_name=name)
+                if not result.is_error:
+                    recovered = ok(result)
+                else:
+                    await anyio.sleep(0.5)
+        assert recovered["status"] == "described"
+
+
+async def test_http_requires_a_bearer_token(http_bridge) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    async with httpx2.AsyncClient() as http:
+        missing = await http.post(http_bridge.url, json=body, headers=headers)
+        wrong_scheme = await http.post(
+            http_bridge.url, json=body, headers={**headers, "Authorization": "Basic dXNlcjpwYXNz"}
+        )
+        health = await http.get(http_bridge.url.replace("/mcp", "/healthz"))
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert wrong_scheme.status_code == 401
+    assert health.status_code == 200
+
+
+async def test_http_bounds_the_request_body(service: Service, start_http_bridge) -> None:
+    bridge = start_http_bridge(service.url, "--max-body-bytes", "4096")
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {service.tokens['requester']}",
+    }
+    big = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"name": "database.lifecycle", "arguments": {"database_name": "x" * 10_000}},
+    }
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(bridge.url, content=json.dumps(big), headers=headers)
+    assert response.status_code == 413
+
+
+async def test_http_allowed_hosts_are_configurable(service: Service, start_http_bridge) -> None:
+    token = service.tokens["requester"]
+    default_bridge = start_http_bridge(service.url)
+    pod_bridge = start_http_bridge(service.url, "--allowed-hosts", "db-lifecycle-mcp.team.svc,localhost")
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Authorization": f"Bearer {token}",
+        "Host": "db-lifecycle-mcp.team.svc",
+    }
+    async with httpx2.AsyncClient() as http:
+        refused = await http.post(default_bridge.url, json=body, headers=headers)
+        accepted = await http.post(pod_bridge.url, json=body, headers=headers)
+    # Loopback only by default (DNS rebinding protection); the pod's name when configured.
+    assert refused.status_code == 403, refused.text
+    assert accepted.status_code != 403, accepted.text
+    # And a real client reaches the pod bridge under that name.
+    async with http_client(pod_bridge.url.replace("127.0.0.1", "localhost"), token) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+    assert "database.lifecycle" in names
+
