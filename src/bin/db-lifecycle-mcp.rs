@@ -29,13 +29,26 @@ struct Cli {
     service_url: String,
     /// stdio: one local agent starts the bridge as a child process. http: streamable
     /// HTTP at /mcp, each request's bearer token forwarded.
-    #[arg(long, value_enum, env = "DB_LIFECYCLE_MCP_TRANSPORT", default_value = "stdio")]
+    #[arg(
+        long,
+        value_enum,
+        env = "DB_LIFECYCLE_MCP_TRANSPORT",
+        default_value = "stdio"
+    )]
     transport: Transport,
     /// Listen address for --transport http.
-    #[arg(long, env = "DB_LIFECYCLE_MCP_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "DB_LIFECYCLE_MCP_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     listen: SocketAddr,
     /// Name of the environment variable holding the agent's token (--transport stdio).
-    #[arg(long, env = "DB_LIFECYCLE_MCP_TOKEN_ENV", default_value = "DB_LIFECYCLE_TOKEN")]
+    #[arg(
+        long,
+        env = "DB_LIFECYCLE_MCP_TOKEN_ENV",
+        default_value = "DB_LIFECYCLE_TOKEN"
+    )]
     token_env: String,
     /// Offer only `describe` (the lifecycle tool is marked read-only).
     #[arg(long, env = "DB_LIFECYCLE_MCP_READ_ONLY")]
@@ -45,7 +58,12 @@ struct Cli {
     #[arg(long, env = "DB_LIFECYCLE_MCP_ENVIRONMENTS")]
     environments: Option<String>,
     /// Tool names: dotted (database.lifecycle), underscore (database_lifecycle), or both.
-    #[arg(long, value_enum, env = "DB_LIFECYCLE_MCP_TOOL_NAMES", default_value = "dotted")]
+    #[arg(
+        long,
+        value_enum,
+        env = "DB_LIFECYCLE_MCP_TOOL_NAMES",
+        default_value = "dotted"
+    )]
     tool_names: ToolNaming,
     /// Comma separated Host values accepted over HTTP (host or host:port), e.g. the
     /// pod's service name. Default: loopback only (localhost, 127.0.0.1, ::1).
@@ -65,7 +83,12 @@ struct Cli {
     #[arg(long, env = "DB_LIFECYCLE_MCP_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
     /// Log format on stderr (stdout carries MCP in stdio mode).
-    #[arg(long, value_enum, env = "DB_LIFECYCLE_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        value_enum,
+        env = "DB_LIFECYCLE_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
 }
 
@@ -97,7 +120,11 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("DB_LIFECYCLE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,rmcp=warn,h2=warn,tower=warn,hyper=warn"));
     // Logs go to stderr: in stdio mode stdout is the MCP channel.
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in an MCP client's log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -194,8 +221,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let bridge = LifecycleBridge::new(settings, service, Credentials::PerRequestBearer);
             let options = HttpOptions {
-                allowed_hosts: cli.allowed_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
-                allowed_origins: cli.allowed_origins.into_iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect(),
+                allowed_hosts: cli
+                    .allowed_hosts
+                    .into_iter()
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect(),
+                allowed_origins: cli
+                    .allowed_origins
+                    .into_iter()
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
                 max_body_bytes: cli.max_body_bytes,
             };
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -203,7 +203,11 @@ mod tests {
         assert!(judge(&accept(" orders "), "orders", "c").is_ok());
         assert!(judge(&accept("Orders"), "orders", "c").is_err());
         assert!(judge(&accept("order"), "orders", "c").is_err());
-        let declined = judge(&ElicitResult::new(ElicitationAction::Decline), "orders", "c");
+        let declined = judge(
+            &ElicitResult::new(ElicitationAction::Decline),
+            "orders",
+            "c",
+        );
         assert_eq!(declined.unwrap_err().code, Code::FailedPrecondition);
         assert!(judge(&ElicitResult::new(ElicitationAction::Cancel), "orders", "c").is_err());
         assert!(judge(&ElicitResult::new(ElicitationAction::Accept), "orders", "c").is_err());
@@ -221,6 +225,10 @@ mod tests {
         assert!(ok.unwrap().is_some());
         let other = answer_from_retry(Some(&state), Some(&responses), "dev", "billing", "c");
         assert!(other.is_err());
-        assert!(answer_from_retry(None, None, "dev", "orders", "c").unwrap().is_none());
+        assert!(
+            answer_from_retry(None, None, "dev", "orders", "c")
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -75,7 +75,9 @@ impl ServiceClient {
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         if parsed.scheme() != "http" {
             // This build talks plaintext gRPC to a service beside it (same pod or host).
-            return Err(bad("only http:// is supported (the service runs beside the bridge)".into()));
+            return Err(bad(
+                "only http:// is supported (the service runs beside the bridge)".into(),
+            ));
         }
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad(e.to_string()))?
@@ -101,8 +103,8 @@ impl ServiceClient {
     ) -> Result<Request<T>, ToolFailure> {
         let mut request = Request::new(body);
         request.set_timeout(self.timeouts.request);
-        let bearer = AsciiMetadataValue::try_from(format!("Bearer {}", token.expose()))
-            .map_err(|_| {
+        let bearer =
+            AsciiMetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
                 ToolFailure::new(
                     Code::Unauthenticated,
                     "the bearer token contains characters that cannot be sent in a header",

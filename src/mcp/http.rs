@@ -55,7 +55,11 @@ async fn require_bearer(request: Request, next: Next) -> Response {
 }
 
 /// The HTTP application: `/mcp` (authenticated MCP) and `/healthz` (liveness).
-pub fn router(bridge: LifecycleBridge, options: &HttpOptions, shutdown: CancellationToken) -> Router {
+pub fn router(
+    bridge: LifecycleBridge,
+    options: &HttpOptions,
+    shutdown: CancellationToken,
+) -> Router {
     let mut config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown)
         .with_max_request_body_bytes(options.max_body_bytes);

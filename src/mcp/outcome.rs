@@ -179,8 +179,9 @@ pub fn success(view: &impl Serialize) -> CallToolResult {
         Ok(value) => CallToolResult::structured(value),
         // Serialising these plain structs cannot fail; if it ever did, say so
         // rather than crash the bridge.
-        Err(e) => ToolFailure::new(Code::Internal, format!("cannot encode result: {e}"), "")
-            .into_result(),
+        Err(e) => {
+            ToolFailure::new(Code::Internal, format!("cannot encode result: {e}"), "").into_result()
+        }
     }
 }
 
@@ -272,9 +273,8 @@ impl ToolFailure {
             origin: self.origin,
             hint: self.hint(),
         };
-        let text = serde_json::to_string(&view).unwrap_or_else(|_| {
-            format!("{}: {}", code_name(self.code), self.message)
-        });
+        let text = serde_json::to_string(&view)
+            .unwrap_or_else(|_| format!("{}: {}", code_name(self.code), self.message));
         CallToolResult::error(vec![ContentBlock::text(text)])
     }
 }

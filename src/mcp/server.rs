@@ -5,9 +5,8 @@ use std::{sync::Arc, time::Duration};
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
     model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, Implementation,
-        ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities,
-        ServerConfig, Tool,
+        CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListToolsResult,
+        PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig, Tool,
     },
     service::RequestContext,
 };
@@ -94,7 +93,11 @@ impl LifecycleBridge {
         }
     }
 
-    fn refuse_narrowed(&self, args: &LifecycleArgs, correlation_id: &str) -> Result<(), ToolFailure> {
+    fn refuse_narrowed(
+        &self,
+        args: &LifecycleArgs,
+        correlation_id: &str,
+    ) -> Result<(), ToolFailure> {
         if self.settings.read_only && args.action != LifecycleAction::Describe {
             return Err(ToolFailure::new(
                 Code::PermissionDenied,
@@ -107,7 +110,12 @@ impl LifecycleBridge {
             ));
         }
         if !self.settings.offers_environment(&args.environment) {
-            let offered = self.settings.environments.clone().unwrap_or_default().join(", ");
+            let offered = self
+                .settings
+                .environments
+                .clone()
+                .unwrap_or_default()
+                .join(", ");
             return Err(ToolFailure::new(
                 Code::PermissionDenied,
                 format!(
@@ -164,12 +172,18 @@ impl LifecycleBridge {
                 let answer = self.service.create(&token, &correlation_id, body).await;
                 Reply::from(answer.map(|a| self.lifecycle_success(a.body)))
             }
-            LifecycleAction::Delete => self.delete(params, context, &args, &token, &correlation_id).await,
+            LifecycleAction::Delete => {
+                self.delete(params, context, &args, &token, &correlation_id)
+                    .await
+            }
         }
     }
 
     fn lifecycle_success(&self, result: proto::LifecycleResult) -> CallToolResult {
-        success(&LifecycleView::from_proto(result, self.tools.request_status_name()))
+        success(&LifecycleView::from_proto(
+            result,
+            self.tools.request_status_name(),
+        ))
     }
 
     async fn send_delete(
@@ -205,8 +219,14 @@ impl LifecycleBridge {
     ) -> Reply {
         if args.confirm_delete || args.dry_run {
             return Reply::from(
-                self.send_delete(args, token, correlation_id, args.confirm_delete, args.dry_run)
-                    .await,
+                self.send_delete(
+                    args,
+                    token,
+                    correlation_id,
+                    args.confirm_delete,
+                    args.dry_run,
+                )
+                .await,
             );
         }
         let channel = confirm::channel(context);
@@ -241,17 +261,29 @@ impl LifecycleBridge {
             if let Err(failure) = confirm::judge(&answer, &args.database_name, correlation_id) {
                 return Reply::from(Err(failure));
             }
-            return Reply::from(self.send_delete(args, token, correlation_id, true, false).await);
+            return Reply::from(
+                self.send_delete(args, token, correlation_id, true, false)
+                    .await,
+            );
         }
         // Before bothering a person, check the delete would be accepted at all: a dry
         // run runs every check of the service and changes nothing.
-        if let Err(failure) = self.send_delete(args, token, correlation_id, true, true).await {
+        if let Err(failure) = self
+            .send_delete(args, token, correlation_id, true, true)
+            .await
+        {
             return Reply::from(Err(failure));
         }
+        tracing::info!(
+            correlation_id,
+            ?channel,
+            "asking the person to confirm the delete"
+        );
         match channel {
-            ConfirmationChannel::InputRequired => {
-                Reply::AskPerson(confirm::input_required(&args.environment, &args.database_name))
-            }
+            ConfirmationChannel::InputRequired => Reply::AskPerson(confirm::input_required(
+                &args.environment,
+                &args.database_name,
+            )),
             _ => {
                 let asked = context
                     .peer
@@ -274,11 +306,13 @@ impl LifecycleBridge {
                         )));
                     }
                 };
-                if let Err(failure) = confirm::judge(&answer, &args.database_name, correlation_id)
-                {
+                if let Err(failure) = confirm::judge(&answer, &args.database_name, correlation_id) {
                     return Reply::from(Err(failure));
                 }
-                Reply::from(self.send_delete(args, token, correlation_id, true, false).await)
+                Reply::from(
+                    self.send_delete(args, token, correlation_id, true, false)
+                        .await,
+                )
             }
         }
     }
@@ -325,7 +359,10 @@ impl LifecycleBridge {
             if let Some(environment) = self.narrowed_away(&request.environment) {
                 return Err(ToolFailure::new(
                     Code::PermissionDenied,
-                    format!("request {} is in environment `{environment}`, which this bridge does not offer", args.request_id),
+                    format!(
+                        "request {} is in environment `{environment}`, which this bridge does not offer",
+                        args.request_id
+                    ),
                     &correlation_id,
                 ));
             }
@@ -344,8 +381,14 @@ impl LifecycleBridge {
                 return Ok(success(&view));
             }
             let message = RequestView::from_proto(request, waited).message;
-            self.progress(context, progress_token.as_ref(), waited, args.wait_seconds, message)
-                .await;
+            self.progress(
+                context,
+                progress_token.as_ref(),
+                waited,
+                args.wait_seconds,
+                message,
+            )
+            .await;
             self.sleep_until_next_poll(context, deadline).await;
         }
     }

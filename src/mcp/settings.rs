@@ -70,7 +70,7 @@ impl BridgeSettings {
             None => true,
             Some(list) => {
                 let wanted = environment.trim().to_lowercase();
-                list.iter().any(|e| *e == wanted)
+                list.contains(&wanted)
             }
         }
     }

@@ -323,7 +323,10 @@ fn request_status_tool(
 }
 
 impl LifecycleArgs {
-    pub fn parse(arguments: Option<&JsonObject>, correlation_id: &str) -> Result<Self, ToolFailure> {
+    pub fn parse(
+        arguments: Option<&JsonObject>,
+        correlation_id: &str,
+    ) -> Result<Self, ToolFailure> {
         let raw: RawLifecycleArgs = parse(arguments, correlation_id)?;
         let action = match raw.action.as_str() {
             "create" => LifecycleAction::Create,
@@ -351,7 +354,10 @@ impl LifecycleArgs {
 }
 
 impl RequestStatusArgs {
-    pub fn parse(arguments: Option<&JsonObject>, correlation_id: &str) -> Result<Self, ToolFailure> {
+    pub fn parse(
+        arguments: Option<&JsonObject>,
+        correlation_id: &str,
+    ) -> Result<Self, ToolFailure> {
         let raw: RawRequestStatusArgs = parse(arguments, correlation_id)?;
         if raw.wait_seconds > MAX_WAIT_SECONDS {
             return Err(ToolFailure::new(
