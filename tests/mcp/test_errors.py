@@ -5,6 +5,7 @@ bridge recovers; the HTTP endpoint refuses what it must."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import uuid
 
@@ -180,3 +181,33 @@ async def test_http_allowed_hosts_are_configurable(service: Service, start_http_
         names = {t.name for t in (await client.list_tools()).tools}
     assert "database.lifecycle" in names
 
+
+
+async def test_tokens_never_reach_the_logs(service: Service, start_http_bridge) -> None:
+    token = service.tokens["requester"]
+    bridge = start_http_bridge(service.url, env={"DB_LIFECYCLE_LOG": "debug"})
+    async with http_client(bridge.url, token) as client:
+        ok(await lifecycle(client, action="describe", environment="dev", database_name=unique_name()))
+        failed(await create(client, "Bad Name"), "INVALID_ARGUMENT")
+    async with http_client(bridge.url, "an-invalid-token-value") as client:
+        failed(await lifecycle(client, action="describe", environment="dev", database_name="x"), "UNAUTHENTICATED")
+    logs = bridge.process.stderr_path.read_text() + bridge.process.stdout_path.read_text()
+    assert "forwarding database.lifecycle" in logs, "the debug log was not written"
+    assert token not in logs and "an-invalid-token-value" not in logs
+
+
+def test_stdio_refuses_to_start_without_a_token(service: Service) -> None:
+    from conftest import BRIDGE_BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "DB_LIFECYCLE_TOKEN"}
+    result = subprocess.run(
+        [str(BRIDGE_BIN), "--service-url", service.url],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "DB_LIFECYCLE_TOKEN" in result.stderr
+    assert result.stdout == "", "stdout is the MCP channel: nothing else may be written there"
