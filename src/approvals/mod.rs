@@ -21,10 +21,30 @@ use crate::{
     repository::{InsertOutcome, NewRequest, Repository},
 };
 
-/// Test-only fault injection: the process aborts (as a crash would) at a named step.
-/// Enabled only through the `fault_points` configuration key.
-pub const FAULT_POINTS: [&str; 4] = [
+/// Test-only fault injection: named points between the steps of an apply, enabled
+/// only through the `fault_points` configuration key (there is no other switch: no
+/// environment variable, no RPC). In order, for create and delete alike:
+///
+/// * `after_claim`: the request is `approved` (claimed) and its apply lock is held;
+///   nothing else was done.
+/// * `after_intent`: the ownership intent is written (row `creating` / `deleting`);
+///   the target cluster was not touched.
+/// * `after_create` / `after_drop`: `CREATE DATABASE` / `DROP DATABASE` committed on
+///   the target; the ownership row and the request state are not final.
+/// * `before_finalize`: inside the finalizing transaction, after the ownership change
+///   was issued but before the final state and terminal event are written and
+///   committed (so a crash here also proves that half-written finalize rolls back).
+///
+/// At a point the apply logs `fault point <name> reached` and parks forever, holding
+/// what it holds (the apply lock, an open transaction at `before_finalize`). It does
+/// not abort: the tests deliver a real SIGKILL once they read that line, so the crash
+/// happens at a moment they chose, is a plain SIGKILL rather than a SIGABRT (which a
+/// core-dump handler could intercept or slow down), and they can first observe the
+/// intermediate state. The rest of the process keeps serving meanwhile (its recovery
+/// loop skips the parked request, whose lock is held), like a replica whose apply hung.
+pub const FAULT_POINTS: [&str; 5] = [
     "after_claim",
+    "after_intent",
     "after_create",
     "after_drop",
     "before_finalize",
@@ -53,8 +73,14 @@ pub struct Approvals {
 
 /// What an apply did on the target cluster.
 enum Effect {
-    Created { already_existed: bool },
-    Dropped { already_gone: bool },
+    Created {
+        already_existed: bool,
+        resumed: bool,
+    },
+    Dropped {
+        already_gone: bool,
+        resumed: bool,
+    },
 }
 
 impl Approvals {
@@ -66,6 +92,15 @@ impl Approvals {
         request_ttl: Duration,
         faults: BTreeSet<String>,
     ) -> Self {
+        for point in &faults {
+            if !FAULT_POINTS.contains(&point.as_str()) {
+                warn!(point = %point, known = ?FAULT_POINTS, "unknown fault point ignored");
+            }
+        }
+        let faults: BTreeSet<String> = faults
+            .into_iter()
+            .filter(|p| FAULT_POINTS.contains(&p.as_str()))
+            .collect();
         Self {
             repo,
             admin,
@@ -76,11 +111,16 @@ impl Approvals {
         }
     }
 
-    fn fault(&self, point: &str) {
+    /// Test-only: park this apply forever at `point` if it is enabled (see
+    /// [`FAULT_POINTS`]). The line is written straight to stderr so that it is out
+    /// before anything else can happen.
+    async fn fault(&self, point: &str, req: &ApprovalRequest) {
         if self.faults.contains(point) {
-            // Flush nothing, clean up nothing: this simulates SIGKILL mid-apply.
-            eprintln!("fault point `{point}` reached: aborting (test-only setting)");
-            std::process::abort();
+            eprintln!(
+                "fault point {point} reached (request {}, {} of `{}`); parking this apply until the process is killed (test-only setting)",
+                req.id, req.action, req.database_name
+            );
+            std::future::pending::<()>().await;
         }
     }
 
@@ -533,7 +573,7 @@ impl Approvals {
                     request_id: req.id.to_string(),
                 })?;
         let outcome = if current.state == ApprovalState::Approved {
-            self.fault("after_claim");
+            self.fault("after_claim", &current).await;
             let mut started =
                 Audit::request_event(&current, "apply.started", SYSTEM_ACTOR, SYSTEM_KIND);
             started.message = format!("applying {} of `{}`", current.action, current.database_name);
@@ -554,6 +594,11 @@ impl Approvals {
         let db = self.policy.recheck_for_apply(req)?;
         let target = &db.target;
         let own = self.repo.ownership(target, db.name.as_str()).await?;
+        // This request's intent is already written: an earlier attempt of this very
+        // apply was interrupted (crash, outage) and this one resumes it.
+        let resumed = own
+            .as_ref()
+            .is_some_and(|o| o.request_id == Some(req.id) && o.state != "active");
         if let Some(o) = &own {
             if o.project_id != req.project_id {
                 return Err(ServiceError::OwnedByAnotherProject {
@@ -580,6 +625,7 @@ impl Approvals {
                         name: db.name.to_string(),
                     });
                 }
+                self.fault("after_intent", req).await;
                 let created = match self.admin.ensure_database(target, &db.name).await {
                     Ok(o) => o,
                     Err(e) => {
@@ -589,9 +635,10 @@ impl Approvals {
                         return Err(e);
                     }
                 };
-                self.fault("after_create");
+                self.fault("after_create", req).await;
                 Ok(Effect::Created {
                     already_existed: created == EnsureOutcome::AlreadyExisted,
+                    resumed,
                 })
             }
             Action::Delete => {
@@ -602,10 +649,12 @@ impl Approvals {
                     });
                 }
                 self.repo.mark_deleting(req).await?;
+                self.fault("after_intent", req).await;
                 let existed = self.admin.drop_database(target, &db.name).await?;
-                self.fault("after_drop");
+                self.fault("after_drop", req).await;
                 Ok(Effect::Dropped {
                     already_gone: !existed,
+                    resumed,
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
@@ -643,19 +692,30 @@ impl Approvals {
         let (state, event) = match &effect {
             Ok(effect) => {
                 let (message, payload) = match effect {
-                    Effect::Created { already_existed } => {
+                    Effect::Created {
+                        already_existed,
+                        resumed,
+                    } => {
                         self.repo.activate_ownership(&tx, req).await?;
                         (
                             format!(
                                 "database `{}` created and owned by project `{}`",
                                 req.database_name, req.project_id
                             ),
-                            json!({ "effect": "created", "already_existed": already_existed }),
+                            json!({ "effect": "created", "already_existed": already_existed, "resumed": resumed }),
                         )
                     }
-                    Effect::Dropped { already_gone } => {
+                    Effect::Dropped {
+                        already_gone,
+                        resumed,
+                    } => {
                         self.repo.remove_ownership(&tx, req).await?;
-                        let message = if *already_gone {
+                        let message = if *already_gone && *resumed {
+                            format!(
+                                "database `{}` was already gone (an interrupted earlier attempt of this request dropped it, or it was dropped outside the service); ownership row removed",
+                                req.database_name
+                            )
+                        } else if *already_gone {
                             format!(
                                 "database `{}` was already gone (dropped outside the service); ownership row removed",
                                 req.database_name
@@ -668,7 +728,7 @@ impl Approvals {
                         };
                         (
                             message,
-                            json!({ "effect": "dropped", "already_gone": already_gone }),
+                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed }),
                         )
                     }
                 };
@@ -687,7 +747,7 @@ impl Approvals {
             }
         };
         let failure = effect.as_ref().err().map(|e| e.to_string());
-        self.fault("before_finalize");
+        self.fault("before_finalize", req).await;
         let finished = self
             .repo
             .finish(&tx, req.id, state, failure.as_deref(), &event)

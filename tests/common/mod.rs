@@ -705,3 +705,158 @@ pub async fn event_types_for_correlation(server: &TestServer, correlation_id: &s
         .map(|r| r.get(0))
         .collect()
 }
+
+// ---- helpers for faults.rs, outage.rs, shutdown.rs and hostile.rs ----
+
+impl TestServer {
+    /// Rewrite this server's config file; it takes effect at the next `restart`.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(&self.config_path, edit(text)).unwrap();
+    }
+
+    /// Add top-level keys (e.g. `fault_points = [...]`) at the start of the config,
+    /// before any table, so they stay top-level.
+    pub fn prepend_config(&self, lines: &str) {
+        let lines = lines.to_string();
+        self.edit_config(move |text| format!("{}\n{text}", lines.trim_end()));
+    }
+
+    /// Remove every top-level line that sets `key`.
+    pub fn remove_config_key(&self, key: &str) {
+        let prefix = format!("{key} =");
+        self.edit_config(|text| {
+            text.lines()
+                .filter(|l| !l.trim_start().starts_with(&prefix))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        });
+    }
+
+    /// Poll the log until it contains `needle`; false if it did not within `limit`.
+    pub async fn wait_for_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Send a signal (`TERM`, `KILL`, ...) to the running process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Whether the process is still running (not exited, not reaped).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// gRPC health of the lifecycle service: Some(true) SERVING, Some(false) any
+    /// other status, None when the call itself failed (guarded by a 5 s timeout).
+    pub async fn health(&self) -> Option<bool> {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5));
+        let call = async {
+            let channel = channel.connect().await.ok()?;
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            let r = client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "dblifecycle.v1.DatabaseLifecycle".into(),
+                })
+                .await
+                .ok()?;
+            Some(r.into_inner().status == 1)
+        };
+        tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Poll health until it reports `serving` (true = SERVING); false on timeout.
+    pub async fn wait_health(&self, serving: bool, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.health().await == Some(serving) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The states a request never leaves.
+pub const FINAL_STATES: [&str; 4] = ["applied", "failed", "denied", "expired"];
+
+/// Poll the stored state of a request until it is final; None if it was not within
+/// `limit` (the last state seen is in the panic message of callers that need it).
+pub async fn wait_final(server: &TestServer, request_id: &str, limit: Duration) -> Option<String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let state = stored_state(server, request_id).await;
+        if let Some(s) = &state
+            && FINAL_STATES.contains(&s.as_str())
+        {
+            return state;
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The consistency invariant between the target cluster and ownership, for a
+/// quiescent server (no request open): every ownership row is `active` and its
+/// database exists; every one of `names` that exists has its row.
+pub async fn assert_ownership_consistent(server: &TestServer, names: &[&str]) {
+    let meta = server.meta().await;
+    let open: i64 = meta
+        .query_one(
+            "SELECT count(*) FROM approval_requests WHERE state IN ('requested','approved')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "a request is still open");
+    let rows: Vec<(String, String)> = meta
+        .query("SELECT database_name, state FROM project_databases", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (name, state) in &rows {
+        assert_eq!(state, "active", "ownership row of `{name}` left in {state}");
+        assert!(
+            db_exists(name).await,
+            "ownership row for `{name}` points to a missing database"
+        );
+    }
+    for name in names {
+        if db_exists(name).await {
+            assert!(
+                rows.iter().any(|(n, _)| n == name),
+                "managed database `{name}` exists without its ownership row"
+            );
+        }
+    }
+}

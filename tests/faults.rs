@@ -1,0 +1,404 @@
+//! Crash in the middle of an apply (issue 4, item 1), and the recovery loop's own
+//! sweeps (item 4): a real server process is parked at a named fault point
+//! (`fault_points`, test-only), killed with SIGKILL, and started again on the same
+//! metadata database without the fault point. The recovery loop must drive the
+//! request to its final state by itself, with exactly one `request.applied` event,
+//! and leave ownership and the target cluster in agreement.
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+use db_lifecycle::approvals::FAULT_POINTS;
+use tonic::Code;
+
+const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
+const FAULT_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Create,
+    Delete,
+}
+
+/// What the test observes while the apply is parked, before the kill.
+fn expected_intermediate(act: Act, point: &str) -> (bool, Option<&'static str>) {
+    // (database exists, ownership row state)
+    match (act, point) {
+        (Act::Create, "after_claim") => (false, None),
+        (Act::Create, "after_intent") => (false, Some("creating")),
+        (Act::Create, _) => (true, Some("creating")),
+        (Act::Delete, "after_claim") => (true, Some("active")),
+        (Act::Delete, "after_intent") => (true, Some("deleting")),
+        (Act::Delete, _) => (false, Some("deleting")),
+    }
+}
+
+/// Kill the server at `point` during an approved `act`, restart it without the
+/// fault point, and check that recovery finishes the request.
+async fn crash_and_recover(act: Act, point: &str, mode_none: bool) {
+    assert!(FAULT_POINTS.contains(&point), "unknown fault point {point}");
+    let name = unique(&format!("ft_{point}"));
+    let approval = if mode_none {
+        "[approval]\ncreate = \"none\"\ndelete = \"none\"\n"
+    } else {
+        ""
+    };
+    let mut server = TestServer::start_with(Options {
+        extra_toml: approval.into(),
+        ..Default::default()
+    })
+    .await;
+
+    if act == Act::Delete {
+        // A managed database to delete, created before any fault is enabled.
+        let agent = server.as_(&AGENT_A).await;
+        let r = agent.create("dev", &name).await.unwrap();
+        let r = if mode_none {
+            r
+        } else {
+            server
+                .as_(&OWNER_A)
+                .await
+                .approve(&r.request_id)
+                .await
+                .unwrap()
+        };
+        assert_eq!(r.status, "applied", "{}", r.message);
+        assert!(db_exists(&name).await);
+    }
+
+    server.prepend_config(&format!("fault_points = [\"{point}\"]"));
+    server.restart(&Options::default()).await;
+    assert!(
+        server.log().contains("TEST-ONLY fault points are enabled"),
+        "the server must warn loudly that fault points are on"
+    );
+
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    // The call that reaches the apply: Create/Delete itself in mode none, else Approve.
+    let (request_id, hung_call) = if mode_none {
+        // The request id is not returned (the call hangs in the apply): find it in
+        // the metadata database once the fault point is reached.
+        let name2 = name.clone();
+        let call = tokio::spawn(async move {
+            match act {
+                Act::Create => agent.create("dev", &name2).await,
+                Act::Delete => agent.delete("dev", &name2, true).await,
+            }
+        });
+        (None, call)
+    } else {
+        let queued = match act {
+            Act::Create => agent.create("dev", &name).await,
+            Act::Delete => agent.delete("dev", &name, true).await,
+        }
+        .unwrap();
+        assert_eq!(queued.status, "approval_required", "{}", queued.message);
+        let rid = queued.request_id.clone();
+        let call = tokio::spawn(async move { owner.approve(&rid).await });
+        (Some(queued.request_id), call)
+    };
+
+    let line = format!("fault point {point} reached");
+    assert!(
+        server.wait_for_log(&line, FAULT_LIMIT).await,
+        "fault point {point} was never reached; log:\n{}",
+        server.log()
+    );
+    let request_id = match request_id {
+        Some(id) => id,
+        None => server
+            .meta()
+            .await
+            .query_one(
+                "SELECT id::text FROM approval_requests WHERE database_name = $1 \
+                 AND action = $2",
+                &[
+                    &name,
+                    &match act {
+                        Act::Create => "create",
+                        Act::Delete => "delete",
+                    },
+                ],
+            )
+            .await
+            .unwrap()
+            .get(0),
+    };
+
+    // Parked: the request is claimed, not final; the intermediate state is as the
+    // step order says, and a database never exists without its ownership row.
+    assert_eq!(
+        stored_state(&server, &request_id).await.as_deref(),
+        Some("approved")
+    );
+    let (exists, row_state) = expected_intermediate(act, point);
+    assert_eq!(db_exists(&name).await, exists, "database at {point}");
+    let rows = ownership_rows(&server, &name).await;
+    assert_eq!(
+        rows.first().map(|r| r.2.as_str()),
+        row_state,
+        "ownership row at {point}: {rows:?}"
+    );
+
+    server.kill(); // SIGKILL
+    let hung = tokio::time::timeout(Duration::from_secs(30), hung_call)
+        .await
+        .expect("the call parked at the fault point did not end when the server died")
+        .unwrap();
+    assert!(
+        hung.is_err(),
+        "the call parked at {point} cannot have succeeded: {hung:?}"
+    );
+
+    server.remove_config_key("fault_points");
+    server.restart(&Options::default()).await;
+    let state = wait_final(&server, &request_id, RECOVERY_LIMIT).await;
+    assert_eq!(
+        state.as_deref(),
+        Some("applied"),
+        "request {request_id} after the crash at {point}; log:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        server.log().matches(&line).count(),
+        1,
+        "the fault point fired again after the restart"
+    );
+    assert_eq!(
+        request_event_count(&server, &request_id, "request.applied").await,
+        1
+    );
+    assert_eq!(
+        request_event_count(&server, &request_id, "request.failed").await,
+        0
+    );
+    match act {
+        Act::Create => {
+            assert!(db_exists(&name).await, "created after recovery");
+            let rows = ownership_rows(&server, &name).await;
+            assert_eq!(
+                rows,
+                vec![("alpha".into(), "dev".into(), "active".into())],
+                "ownership after recovery"
+            );
+        }
+        Act::Delete => {
+            assert!(!db_exists(&name).await, "dropped after recovery");
+            assert!(ownership_rows(&server, &name).await.is_empty());
+        }
+    }
+    assert_ownership_consistent(&server, &[&name]).await;
+
+    // The caller sees the outcome; the service works on.
+    let got = server
+        .as_(&OWNER_A)
+        .await
+        .get_request(&request_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.state,
+        db_lifecycle::proto::ApprovalState::Applied as i32
+    );
+    let described = server
+        .as_(&AGENT_A)
+        .await
+        .describe("dev", &name)
+        .await
+        .unwrap();
+    assert_eq!(
+        described.exists,
+        act == Act::Create,
+        "{}",
+        described.message
+    );
+    assert_eq!(
+        described.owned_by_project,
+        act == Act::Create,
+        "{}",
+        described.message
+    );
+    if act == Act::Create {
+        drop_by_hand(&name).await;
+    }
+}
+
+// ---------- create ----------
+
+#[tokio::test]
+async fn create_crash_after_claim_is_recovered() {
+    crash_and_recover(Act::Create, "after_claim", false).await;
+}
+
+#[tokio::test]
+async fn create_crash_after_intent_is_recovered() {
+    crash_and_recover(Act::Create, "after_intent", false).await;
+}
+
+#[tokio::test]
+async fn create_crash_after_create_database_is_recovered() {
+    crash_and_recover(Act::Create, "after_create", false).await;
+}
+
+#[tokio::test]
+async fn create_crash_before_finalize_is_recovered() {
+    crash_and_recover(Act::Create, "before_finalize", false).await;
+}
+
+/// Approval mode none: the Create call itself applies; it is the one that hangs.
+#[tokio::test]
+async fn create_crash_after_create_database_in_mode_none_is_recovered() {
+    crash_and_recover(Act::Create, "after_create", true).await;
+}
+
+// ---------- delete ----------
+
+#[tokio::test]
+async fn delete_crash_after_claim_is_recovered() {
+    crash_and_recover(Act::Delete, "after_claim", false).await;
+}
+
+#[tokio::test]
+async fn delete_crash_after_intent_is_recovered() {
+    crash_and_recover(Act::Delete, "after_intent", false).await;
+}
+
+#[tokio::test]
+async fn delete_crash_after_drop_database_is_recovered() {
+    crash_and_recover(Act::Delete, "after_drop", false).await;
+}
+
+#[tokio::test]
+async fn delete_crash_before_finalize_is_recovered() {
+    crash_and_recover(Act::Delete, "before_finalize", false).await;
+}
+
+/// The audit of a delete resumed after the database was already dropped says so.
+#[tokio::test]
+async fn resumed_delete_is_audited_as_resumed() {
+    let name = unique("ft_resumed");
+    let mut server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let r = agent.create("dev", &name).await.unwrap();
+    owner.approve(&r.request_id).await.unwrap();
+    server.prepend_config("fault_points = [\"after_drop\"]");
+    server.restart(&Options::default()).await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let rid = agent.delete("dev", &name, true).await.unwrap().request_id;
+    let rid2 = rid.clone();
+    let _hung = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log("fault point after_drop reached", FAULT_LIMIT)
+            .await
+    );
+    server.kill();
+    server.remove_config_key("fault_points");
+    server.restart(&Options::default()).await;
+    assert_eq!(
+        wait_final(&server, &rid, RECOVERY_LIMIT).await.as_deref(),
+        Some("applied")
+    );
+    let payload: String = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT payload::text FROM flow_events WHERE request_id = $1::text::uuid \
+             AND event_type = 'request.applied'",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(payload["resumed"], true, "{payload}");
+    assert_eq!(payload["already_gone"], true, "{payload}");
+    // Two attempts were recorded, one per process.
+    assert_eq!(request_event_count(&server, &rid, "apply.started").await, 2);
+}
+
+// ---------- the recovery loop's sweeps (expiry, item 4) ----------
+
+/// Nobody touches an expired request: the recovery loop moves it to `expired` by
+/// itself, audits it once, it can no longer be approved, and a new request for the
+/// same database is then possible (the approvals test covers the path where a
+/// decision finds it expired first).
+#[tokio::test]
+async fn recovery_loop_expires_untouched_requests_by_itself() {
+    let server = TestServer::start_with(Options {
+        extra_toml: "request_ttl = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let created = unique("ft_exp_c");
+    let managed = unique("ft_exp_d");
+
+    // A managed database, and a delete request for it that nobody decides.
+    let r = agent.create("dev", &managed).await.unwrap();
+    let r = owner.approve(&r.request_id).await;
+    // The 1 s TTL may have run out before the approval: try again then.
+    let r = match r {
+        Ok(r) => r,
+        Err(s) => {
+            assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+            let again = agent.create("dev", &managed).await.unwrap();
+            owner.approve(&again.request_id).await.unwrap()
+        }
+    };
+    assert_eq!(r.status, "applied", "{}", r.message);
+    let del = agent
+        .delete("dev", &managed, true)
+        .await
+        .unwrap()
+        .request_id;
+    let cre = agent.create("dev", &created).await.unwrap().request_id;
+
+    for rid in [&del, &cre] {
+        assert_eq!(
+            wait_final(&server, rid, RECOVERY_LIMIT).await.as_deref(),
+            Some("expired"),
+            "request {rid}"
+        );
+        assert_eq!(
+            request_event_count(&server, rid, "request.expired").await,
+            1
+        );
+        let s = expect_code(owner.approve(rid).await, Code::FailedPrecondition);
+        assert!(s.message().contains("expired"), "{}", s.message());
+        assert_eq!(
+            request_event_count(&server, rid, "request.approved").await,
+            0
+        );
+    }
+    assert!(
+        !db_exists(&created).await,
+        "an expired create created nothing"
+    );
+    assert!(
+        db_exists(&managed).await,
+        "an expired delete dropped nothing"
+    );
+    assert_eq!(
+        ownership_rows(&server, &managed).await,
+        vec![("alpha".into(), "dev".into(), "active".into())]
+    );
+    assert!(ownership_rows(&server, &created).await.is_empty());
+    let log = server.log();
+    assert!(log.contains("request expired"), "{log}");
+
+    // New requests for the same names are possible.
+    let again = agent.create("dev", &created).await.unwrap();
+    assert_eq!(again.status, "approval_required", "{}", again.message);
+    assert_ne!(again.request_id, cre);
+    let again = agent.delete("dev", &managed, true).await.unwrap();
+    assert_eq!(again.status, "approval_required", "{}", again.message);
+    assert_ne!(again.request_id, del);
+    drop_by_hand(&managed).await;
+}
