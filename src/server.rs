@@ -21,6 +21,7 @@ use crate::{
     transport::{
         grpc::LifecycleService,
         middleware::{Authenticator, Guarded},
+        wire_errors::WireErrors,
     },
 };
 
@@ -71,7 +72,8 @@ pub async fn run(
     };
     let auth = Arc::new(Authenticator::new(&config.principals));
     let grpc = DatabaseLifecycleServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let guarded = Guarded::new(grpc, auth, audit);
+    // Library refusals (message too large, undecodable) become audited INVALID_ARGUMENT.
+    let guarded = Guarded::new(WireErrors::new(grpc, audit.clone()), auth, audit);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -3,3 +3,4 @@
 pub mod convert;
 pub mod grpc;
 pub mod middleware;
+pub mod wire_errors;

@@ -1,0 +1,806 @@
+//! Hostile input (issue 4, item 9).
+//!
+//! * Property-based tests on database name validation and identifier quoting: any
+//!   string that passes `NameRules` (the default rules, and a permissive configured
+//!   pattern `.+`) quotes to exactly one identifier token that stands for exactly
+//!   that string — checked with a model of PostgreSQL's lexer for many generated
+//!   cases, and against the real PostgreSQL for a bounded number of them.
+//! * Valid but tricky names (under `.+`) go through the real server: each creates
+//!   exactly one database of exactly that name, and nothing else happens.
+//! * Oversized messages and fields are refused.
+//! * A corpus of well over 100 hostile names and payloads goes through the real server
+//!   in every string field that takes them: each call is refused with
+//!   INVALID_ARGUMENT and leaves no trace in PostgreSQL but its `call.refused` row.
+mod common;
+use common::*;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::LazyLock,
+};
+
+use db_lifecycle::{
+    domain::quote_identifier,
+    policy::{NameRules, validate_environment_format, validate_project_format},
+    proto::{CreateDatabaseRequest, DeleteDatabaseRequest},
+};
+use proptest::{
+    prelude::*,
+    test_runner::{Config as PropConfig, TestRunner},
+};
+use tonic::{Code, Status};
+
+/// Tests of this binary that create databases, or compare the cluster's list of
+/// databases before and after, take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const DEFAULT_PATTERN: &str = db_lifecycle::config::DEFAULT_NAME_PATTERN;
+const PERMISSIVE_PATTERN: &str = ".+";
+
+fn rules(pattern: &str) -> NameRules {
+    NameRules::new(pattern, 63, "a hint").unwrap()
+}
+
+static DEFAULT_RULES: LazyLock<NameRules> = LazyLock::new(|| rules(DEFAULT_PATTERN));
+static PERMISSIVE_RULES: LazyLock<NameRules> = LazyLock::new(|| rules(PERMISSIVE_PATTERN));
+
+/// A model of PostgreSQL's lexer for one delimited identifier: `"` then any
+/// characters with `""` standing for `"`, then `"`. Returns the identifier if `sql`
+/// is exactly one such token, None otherwise (unterminated, or text after it).
+fn lex_quoted_identifier(sql: &str) -> Option<String> {
+    let mut chars = sql.chars();
+    if chars.next() != Some('"') {
+        return None;
+    }
+    let mut out = String::new();
+    loop {
+        match chars.next() {
+            None => return None, // unterminated
+            Some('"') => {
+                let mut rest = chars.clone();
+                if rest.next() == Some('"') {
+                    out.push('"');
+                    chars = rest;
+                } else {
+                    // End of the token: nothing may follow.
+                    return chars.next().is_none().then_some(out);
+                }
+            }
+            Some(c) => out.push(c),
+        }
+    }
+}
+
+/// Strings rich in what breaks SQL, shells, logs and eyes.
+fn hostile_string() -> impl Strategy<Value = String> {
+    let nasty = prop_oneof![
+        Just('"'),
+        Just('\''),
+        Just(';'),
+        Just('-'),
+        Just('/'),
+        Just('*'),
+        Just('\\'),
+        Just('$'),
+        Just('%'),
+        Just('`'),
+        Just(' '),
+        Just('\0'),
+        Just('\n'),
+        Just('\u{1b}'),
+        Just('\u{7f}'),
+        Just('\u{202e}'),
+        Just('\u{200d}'),
+        Just('\u{200b}'),
+        Just('\u{feff}'),
+        Just('а'), // Cyrillic a
+        Just('é'),
+        Just('😀'),
+        proptest::char::range('a', 'z'),
+        proptest::char::range('0', '9'),
+        Just('_'),
+    ];
+    prop_oneof![
+        any::<String>(),
+        "[a-z_][a-z0-9_-]{0,70}",
+        "[a-zA-Z0-9_\"';/*\\-]{1,70}",
+        proptest::collection::vec(nasty, 1..80).prop_map(|v| v.into_iter().collect()),
+    ]
+}
+
+fn prop_config(cases: u32) -> PropConfig {
+    PropConfig {
+        cases,
+        // Failures are reported in the test output; no files written in the tree.
+        failure_persistence: None,
+        ..PropConfig::default()
+    }
+}
+
+/// The hard floor holds under any pattern, and whatever passes quotes to exactly
+/// one identifier token that stands for exactly the input.
+fn check_name(rules: &NameRules, s: &str) -> Result<(), TestCaseError> {
+    match rules.validate(s) {
+        Err(e) => {
+            prop_assert_eq!(e.code(), Code::InvalidArgument);
+        }
+        Ok(name) => {
+            prop_assert_eq!(name.as_str(), s);
+            prop_assert!(!s.is_empty() && s.len() <= 63, "length floor: {:?}", s);
+            prop_assert!(
+                !s.chars().any(char::is_control),
+                "control characters: {:?}",
+                s
+            );
+            let quoted = quote_identifier(s);
+            prop_assert_eq!(&name.quoted(), &quoted);
+            prop_assert_eq!(lex_quoted_identifier(&quoted), Some(s.to_string()));
+            // Quotes inside come in pairs only.
+            let inner = &quoted[1..quoted.len() - 1];
+            prop_assert_eq!(inner.replace("\"\"", ""), s.replace('"', ""));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(prop_config(4000))]
+
+    #[test]
+    fn default_rules_accept_only_plain_names_and_quote_them_to_one_token(s in hostile_string()) {
+        let r = &*DEFAULT_RULES;
+        check_name(r, &s)?;
+        if r.validate(&s).is_ok() {
+            prop_assert!(
+                s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                    && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'),
+                "default rules let through {:?}", s
+            );
+        }
+    }
+
+    #[test]
+    fn permissive_rules_keep_the_floor_and_quote_to_one_token(s in hostile_string()) {
+        check_name(&PERMISSIVE_RULES, &s)?;
+    }
+
+    #[test]
+    fn quoting_any_string_round_trips_through_the_lexer_model(s in any::<String>()) {
+        prop_assert_eq!(lex_quoted_identifier(&quote_identifier(&s)), Some(s));
+    }
+}
+
+#[test]
+fn lexer_model_refuses_broken_tokens() {
+    assert_eq!(lex_quoted_identifier(r#""a""b""#), Some(r#"a"b"#.into()));
+    assert_eq!(lex_quoted_identifier(r#""a"b""#), None);
+    assert_eq!(lex_quoted_identifier(r#""a"; DROP"#), None);
+    assert_eq!(lex_quoted_identifier(r#""a"#), None);
+    assert_eq!(lex_quoted_identifier("a"), None);
+}
+
+/// What PostgreSQL itself makes of `SELECT 1 AS <quoted>` for a string that passed
+/// the rules: exactly one statement, one row, one column named exactly `s`.
+async fn pg_reads_one_identifier(client: &tokio_postgres::Client, s: &str) -> Result<(), String> {
+    use tokio_postgres::SimpleQueryMessage as M;
+    let sql = format!("SELECT 1 AS {}", quote_identifier(s));
+    let messages = client
+        .simple_query(&sql)
+        .await
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    let mut statements = 0;
+    let mut columns = Vec::new();
+    for m in &messages {
+        match m {
+            M::CommandComplete(_) => statements += 1,
+            M::Row(row) => columns = row.columns().iter().map(|c| c.name().to_string()).collect(),
+            _ => {}
+        }
+    }
+    if statements != 1 || columns != [s.to_string()] {
+        return Err(format!(
+            "{s:?}: {statements} statements, columns {columns:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// A bounded number of generated names that passed the permissive rules, run
+/// through the real PostgreSQL parser.
+#[test]
+fn postgres_reads_every_accepted_name_as_one_identifier() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async { cluster().connect("postgres").await.unwrap() });
+    let (permissive, default) = (&*PERMISSIVE_RULES, &*DEFAULT_RULES);
+    let mut runner = TestRunner::new(prop_config(300));
+    let checked = std::cell::Cell::new(0);
+    runner
+        .run(&hostile_string(), |s| {
+            if permissive.validate(&s).is_err() && default.validate(&s).is_err() {
+                return Ok(());
+            }
+            checked.set(checked.get() + 1);
+            rt.block_on(pg_reads_one_identifier(&client, &s))
+                .map_err(TestCaseError::fail)
+        })
+        .unwrap();
+    let checked = checked.get();
+    assert!(
+        checked > 100,
+        "only {checked} generated names passed the rules"
+    );
+    // And the hand-picked tricky ones.
+    for s in tricky_valid_names("sentinel") {
+        rt.block_on(pg_reads_one_identifier(&client, &s)).unwrap();
+    }
+}
+
+/// Names that pass a permissive pattern (`.+`) but would wreck unquoted SQL.
+fn tricky_valid_names(sentinel: &str) -> Vec<String> {
+    vec![
+        format!("x\"; DROP DATABASE \"{sentinel}\"; --"),
+        format!("x'; DROP DATABASE {sentinel}; --"),
+        "\"".into(),
+        "\"\"".into(),
+        "a\"b".into(),
+        "'".into(),
+        "/* comment".into(),
+        "-- comment".into(),
+        "Robert'); DROP TABLE students;--".into(),
+        "$$ dollar $$".into(),
+        "ünïcödé ДБ 数据库 😀".into(),
+        "MixedCase".into(),
+        " leading and trailing ".into(),
+        "%s%n{0}${x}`id`".into(),
+        "../../etc/passwd".into(),
+        "\\\\".into(),
+    ]
+}
+
+/// Valid-but-tricky names through the real server with `.+`: each creates exactly one
+/// database of exactly that name (and drops it again); nothing else changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tricky_valid_names_create_exactly_one_database_of_exactly_that_name() {
+    let _turn = SERIAL.lock().await;
+    let server = TestServer::start_with(Options {
+        extra_toml: format!(
+            "[names]\npattern = \"{PERMISSIVE_PATTERN}\"\n\n[approval]\ncreate = \"none\"\ndelete = \"none\"\n"
+        ),
+        ..Default::default()
+    })
+    .await;
+    let agent = server.as_(&AGENT_A).await;
+    let sentinel = unique("hostile_sentinel");
+    create_by_hand(&sentinel).await;
+    for name in tricky_valid_names(&sentinel) {
+        let before = database_names().await;
+        let r = agent.create("dev", &name).await.unwrap();
+        assert_eq!(r.status, "applied", "{name:?}: {}", r.message);
+        assert_eq!(r.database_name, name);
+        let after = database_names().await;
+        let added: Vec<_> = after.difference(&before).collect();
+        assert_eq!(added, vec![&name], "{name:?} created something else");
+        assert!(before.is_subset(&after), "{name:?} removed a database");
+        assert!(db_exists(&sentinel).await);
+        let d = agent.describe("dev", &name).await.unwrap();
+        assert!(d.exists && d.owned_by_project, "{name:?}: {}", d.message);
+
+        let r = agent.delete("dev", &name, true).await.unwrap();
+        assert_eq!(r.status, "applied", "{name:?}: {}", r.message);
+        assert_eq!(database_names().await, before, "{name:?} drop changed more");
+    }
+    assert_ownership_consistent(&server, &[]).await;
+    drop_by_hand(&sentinel).await;
+}
+
+async fn database_names() -> BTreeSet<String> {
+    target()
+        .await
+        .query("SELECT datname FROM pg_database", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+// ---------- oversized ----------
+
+#[tokio::test]
+async fn oversized_messages_and_fields_are_refused() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+
+    // A 1 MiB database name: over the server's message limit (64 KiB). tonic itself
+    // says OUT_OF_RANGE; the service answers INVALID_ARGUMENT (a malformed request),
+    // audited like every refusal.
+    let huge = "a".repeat(1 << 20);
+    let s = expect_code(agent.create("dev", &huge).await, Code::InvalidArgument);
+    assert!(s.message().contains("too large"), "{}", s.message());
+    assert!(
+        s.message().len() < 1024,
+        "the message echoes the whole input"
+    );
+    assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+
+    // Fields too long, in messages under the limit: INVALID_ARGUMENT, audited.
+    let long_name = "a".repeat(10 * 1024);
+    let s = expect_code(agent.create("dev", &long_name).await, Code::InvalidArgument);
+    assert!(s.message().contains("63 bytes"), "{}", s.message());
+    assert!(
+        s.message().len() < 1024,
+        "the message echoes the whole input"
+    );
+    assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+
+    let long_env = "d".repeat(60 * 1024);
+    let s = expect_code(
+        agent.create(&long_env, "ok_name").await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        s.message().len() < 1024,
+        "the message echoes the whole input"
+    );
+    assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+
+    let rid = agent
+        .create("dev", &unique("hostile_big"))
+        .await
+        .unwrap()
+        .request_id;
+    let reason = "r".repeat(10 * 1024);
+    let s = expect_code(
+        owner.decide(&rid, true, &reason).await,
+        Code::InvalidArgument,
+    );
+    assert!(s.message().contains("reason"), "{}", s.message());
+    assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+    assert_eq!(
+        stored_state(&server, &rid).await.as_deref(),
+        Some("requested")
+    );
+
+    // Nothing stored for any of them but the one request above; the server serves on.
+    assert_eq!(request_count(&server).await, 1);
+    agent.describe("dev", "still_fine").await.unwrap();
+}
+
+// ---------- the corpus ----------
+
+/// At least 100 hostile names and payloads. None of them passes the default rules.
+fn corpus(sentinel: &str) -> Vec<String> {
+    let mut c: Vec<String> = vec![
+        // SQL injection
+        format!("x; DROP DATABASE {sentinel}"),
+        format!("x\"; DROP DATABASE \"{sentinel}\"; --"),
+        format!("{sentinel}\" WITH (FORCE); --"),
+        "'; DROP TABLE project_databases; --".into(),
+        "x'); DELETE FROM approval_requests; --".into(),
+        "\" OR 1=1 --".into(),
+        "1' OR '1'='1".into(),
+        "admin'--".into(),
+        "' or ''='".into(),
+        "x UNION SELECT passwd FROM pg_shadow".into(),
+        "x;SELECT pg_sleep(10)".into(),
+        "pg_sleep(10)".into(),
+        "(SELECT 1)".into(),
+        "x::text".into(),
+        "x||y".into(),
+        "CHR(39)".into(),
+        "@@version".into(),
+        "x = x".into(),
+        "$$x$$".into(),
+        "$tag$x$tag$".into(),
+        "E'\\x00'".into(),
+        "x\\".into(),
+        "\\\\".into(),
+        "x\\'".into(),
+        "COPY x TO PROGRAM 'id'".into(),
+        // quotes and comments
+        "\"".into(),
+        "\"\"".into(),
+        "'".into(),
+        "''".into(),
+        "a\"b".into(),
+        "a'b".into(),
+        "`x`".into(),
+        "--".into(),
+        "--x".into(),
+        "/**/".into(),
+        "x/*".into(),
+        "*/x".into(),
+        "#".into(),
+        "x#y".into(),
+        // unicode tricks
+        "abc\u{202e}fed".into(),
+        "\u{202e}".into(),
+        "a\u{202d}b".into(),
+        "a\u{2066}b\u{2069}".into(),
+        "a\u{200d}b".into(),
+        "a\u{200b}b".into(),
+        "a\u{200c}b".into(),
+        "\u{feff}x".into(),
+        "a\u{2060}b".into(),
+        "\u{0430}dmin".into(),    // Cyrillic а
+        "p\u{03bf}stgres".into(), // Greek ο
+        "ｐｏｓｔｇｒｅｓ".into(),
+        "ＤＲＯＰ".into(),
+        "e\u{0301}".into(),
+        "\u{0131}nfo".into(), // dotless i
+        "\u{0130}nfo".into(), // dotted capital I
+        "\u{fb01}le".into(),  // ligature fi
+        "stra\u{00df}e".into(),
+        "\u{1d41a}\u{1d41d}\u{1d426}\u{1d422}\u{1d427}".into(), // mathematical bold
+        "db\u{1f600}".into(),
+        "\u{fffe}".into(),
+        "\u{ffff}".into(),
+        "\u{e000}".into(),
+        "\u{3164}".into(),
+        "a\u{00a0}b".into(),
+        "a\u{2002}b".into(),
+        "a\u{3000}b".into(),
+        "a\u{2028}b".into(),
+        "a\u{2029}b".into(),
+        "a\u{00ad}b".into(),
+        "a\u{034f}b".into(),
+        "a\u{fe0f}".into(),
+        "a\u{e0041}".into(),
+        // NUL and control characters
+        "\0".into(),
+        "a\0b".into(),
+        "x\0; DROP DATABASE postgres".into(),
+        "x\n".into(),
+        "\r\n".into(),
+        "a\tb".into(),
+        "\u{1b}[31mred".into(),
+        "\u{7f}".into(),
+        "\u{8}".into(),
+        "a\u{85}b".into(),
+        "\u{b}".into(),
+        "\u{c}".into(),
+        // long
+        "a".repeat(64),
+        "a".repeat(1000),
+        "\u{e9}".repeat(32),
+        format!("{}\u{e9}", "a".repeat(62)),
+        // percent-encoding
+        "%41".into(),
+        "a%20b".into(),
+        "%00".into(),
+        "%0a".into(),
+        "%25".into(),
+        "%27%20OR%201=1".into(),
+        "..%2f..%2f".into(),
+        // shell metacharacters
+        "$(reboot)".into(),
+        "`id`".into(),
+        "a|b".into(),
+        "a&b".into(),
+        "a;b".into(),
+        "a>b".into(),
+        "a<b".into(),
+        "$HOME".into(),
+        "${IFS}".into(),
+        "!x".into(),
+        "~root".into(),
+        "*".into(),
+        "?".into(),
+        "a b".into(),
+        // format strings and templates
+        "%s".into(),
+        "%n%n%n".into(),
+        "%x%x".into(),
+        "{0}".into(),
+        "{}".into(),
+        "{{7*7}}".into(),
+        "${7*7}".into(),
+        "<%= 7*7 %>".into(),
+        "#{7*7}".into(),
+        "${jndi:ldap://x/a}".into(),
+        // JSON fragments
+        "{\"a\":1}".into(),
+        "[]".into(),
+        "{".into(),
+        "\"}".into(),
+        "\",\"project_id\":\"beta\"".into(),
+        // path traversal
+        "../etc/passwd".into(),
+        "..".into(),
+        ".".into(),
+        "/".into(),
+        "./x".into(),
+        "..\\..\\windows".into(),
+        "/dev/null".into(),
+        "C:\\".into(),
+        "~/.ssh".into(),
+        // markup
+        "<script>alert(1)</script>".into(),
+        "<img src=x onerror=alert(1)>".into(),
+        "javascript:alert(1)".into(),
+        "&lt;".into(),
+        "*)(uid=*".into(),
+        // case and shape
+        "Postgres".into(),
+        "POSTGRES".into(),
+        "Template1".into(),
+        "DROP".into(),
+        "1abc".into(),
+        "0".into(),
+        "-1".into(),
+        "-x".into(),
+        "0x41".into(),
+        // whitespace and empty
+        "".into(),
+        " ".into(),
+        "  x".into(),
+        "x ".into(),
+    ];
+    c.dedup();
+    c
+}
+
+#[derive(Debug)]
+struct Refused {
+    what: String,
+    correlation_id: String,
+    message: String,
+}
+
+fn refused(what: String, r: Result<impl std::fmt::Debug, Status>) -> Refused {
+    match r {
+        Ok(v) => panic!("{what}: accepted: {v:?}"),
+        Err(s) => {
+            assert_eq!(
+                s.code(),
+                Code::InvalidArgument,
+                "{what}: {:?}: {}",
+                s.code(),
+                s.message()
+            );
+            Refused {
+                what,
+                correlation_id: status_correlation_id(&s),
+                message: s.message().to_string(),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_corpus_is_refused_with_invalid_argument_and_leaves_only_audit_rows() {
+    let _turn = SERIAL.lock().await;
+    let sentinel = unique("hostile_sentinel");
+    create_by_hand(&sentinel).await;
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let multi = server.as_(&MULTI).await;
+    let corpus = corpus(&sentinel);
+    assert!(corpus.len() >= 100, "corpus has {} entries", corpus.len());
+    let default = &*DEFAULT_RULES;
+    for p in &corpus {
+        assert!(
+            default.validate(p).is_err(),
+            "corpus entry {p:?} is a valid name"
+        );
+    }
+    let before = database_names().await;
+
+    let mut calls = Vec::new();
+    for p in &corpus {
+        // As a database name, in every RPC that takes one.
+        calls.push(refused(
+            format!("Create name {p:?}"),
+            agent.create("dev", p).await,
+        ));
+        calls.push(refused(
+            format!("Create dry-run name {p:?}"),
+            agent
+                .create_req(CreateDatabaseRequest {
+                    environment: "dev".into(),
+                    database_name: p.clone(),
+                    dry_run: true,
+                    ..Default::default()
+                })
+                .await,
+        ));
+        calls.push(refused(
+            format!("Delete name {p:?}"),
+            agent.delete("dev", p, true).await,
+        ));
+        calls.push(refused(
+            format!("Describe name {p:?}"),
+            agent.describe("dev", p).await,
+        ));
+        // As an environment, where it is not a well-formed environment name.
+        if validate_environment_format(&p.trim().to_lowercase()).is_err() {
+            calls.push(refused(
+                format!("Create environment {p:?}"),
+                agent.create(p, "fine_name").await,
+            ));
+        }
+        // As a project id (a principal with several projects must name one).
+        if !p.trim().is_empty() && validate_project_format(p.trim()).is_err() {
+            calls.push(refused(
+                format!("Create project {p:?}"),
+                multi
+                    .create_req(CreateDatabaseRequest {
+                        environment: "dev".into(),
+                        database_name: "fine_name".into(),
+                        project_id: p.clone(),
+                        ..Default::default()
+                    })
+                    .await,
+            ));
+            calls.push(refused(
+                format!("Delete project {p:?}"),
+                multi
+                    .delete_req(DeleteDatabaseRequest {
+                        environment: "dev".into(),
+                        database_name: "fine_name".into(),
+                        project_id: p.clone(),
+                        confirm_delete: true,
+                        ..Default::default()
+                    })
+                    .await,
+            ));
+        }
+        // As a request id.
+        calls.push(refused(
+            format!("Approve request id {p:?}"),
+            owner.approve(p).await,
+        ));
+        calls.push(refused(
+            format!("GetRequest request id {p:?}"),
+            owner.get_request(p).await,
+        ));
+    }
+
+    // One `call.refused` row per call, under its correlation id, saying what the
+    // caller was told.
+    let meta = server.meta().await;
+    let rows: BTreeMap<String, (i64, String, String)> = meta
+        .query(
+            "SELECT correlation_id, count(*), min(status_code), min(message) FROM flow_events \
+             WHERE event_type = 'call.refused' GROUP BY correlation_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    for call in &calls {
+        let (n, code, message) = rows
+            .get(&call.correlation_id)
+            .unwrap_or_else(|| panic!("{}: no call.refused row", call.what));
+        assert_eq!(*n, 1, "{}: {n} call.refused rows", call.what);
+        assert_eq!(code, "INVALID_ARGUMENT", "{}", call.what);
+        assert_eq!(message, &call.message, "{}", call.what);
+    }
+    assert_eq!(rows.len(), calls.len(), "refusal rows of unknown calls");
+
+    // No other trace: no event but the refusals, no link, no request, no ownership
+    // row, no database created or dropped.
+    let count = |sql: &'static str| {
+        let meta = &meta;
+        async move { meta.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM flow_events").await,
+        calls.len() as i64,
+        "events other than call.refused were recorded"
+    );
+    assert_eq!(count("SELECT count(*) FROM links").await, 0);
+    assert_eq!(count("SELECT count(*) FROM approval_requests").await, 0);
+    assert_eq!(count("SELECT count(*) FROM project_databases").await, 0);
+    assert_eq!(
+        database_names().await,
+        before,
+        "the cluster's databases changed"
+    );
+    assert!(db_exists(&sentinel).await);
+    for p in &corpus {
+        assert!(!before.contains(p), "{p:?} exists as a database");
+    }
+    // The server is fine after all that.
+    agent.describe("dev", "fine_name").await.unwrap();
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    drop_by_hand(&sentinel).await;
+    println!("{} hostile calls refused", calls.len());
+}
+
+/// Bytes that are not a valid message for the RPC (invalid UTF-8 in a string field,
+/// truncated fields, garbage) are refused with INVALID_ARGUMENT without reaching a
+/// handler, audited once each, and the server serves on.
+#[tokio::test]
+async fn malformed_protobuf_is_refused() {
+    use prost::bytes::{Buf, BufMut};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    struct Raw;
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+    impl Decoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let mut v = vec![0; src.remaining()];
+            src.copy_to_slice(&mut v);
+            Ok(Some(v))
+        }
+    }
+    impl Codec for Raw {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    let server = TestServer::start().await;
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        // database_name (field 2) = 0xff 0xfe: not UTF-8.
+        (
+            "invalid UTF-8",
+            vec![0x0a, 0x03, b'd', b'e', b'v', 0x12, 0x02, 0xff, 0xfe],
+        ),
+        // a length that runs past the end.
+        ("truncated field", vec![0x12, 0x40, b'a']),
+        ("garbage", vec![0xff; 16]),
+    ];
+    for (what, body) in bodies {
+        let mut grpc = tonic::client::Grpc::new(server.channel().await);
+        grpc.ready().await.unwrap();
+        let mut req = tonic::Request::new(body);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", AGENT_A.token).parse().unwrap(),
+        );
+        let r = grpc
+            .unary(
+                req,
+                http::uri::PathAndQuery::from_static("/dblifecycle.v1.DatabaseLifecycle/Create"),
+                Raw,
+            )
+            .await;
+        let s = r.expect_err(what);
+        assert_eq!(
+            s.code(),
+            Code::InvalidArgument,
+            "{what}: a malformed request should be INVALID_ARGUMENT: {}",
+            s.message()
+        );
+        assert!(
+            s.message().contains("not a valid protobuf message"),
+            "{what}: {}",
+            s.message()
+        );
+        let row = assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+        assert_eq!(row.actor_id, AGENT_A.id, "{what}: {row:?}");
+    }
+    assert_eq!(request_count(&server).await, 0);
+    server
+        .as_(&AGENT_A)
+        .await
+        .describe("dev", "still_fine")
+        .await
+        .unwrap();
+}
