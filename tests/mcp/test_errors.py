@@ -4,8 +4,10 @@ bridge recovers; the HTTP endpoint refuses what it must."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import uuid
 
@@ -18,10 +20,17 @@ from conftest import RestartableService, Service, http_client, stdio_client, uni
 pytestmark = pytest.mark.anyio
 
 
+def psql_binary() -> str:
+    found = shutil.which("psql") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))), None)
+    if not found:
+        pytest.fail("psql not found (Debian: apt-get install -y postgresql-client)")
+    return found
+
+
 def make_unmanaged_database(service: Service, name: str) -> None:
     """A database the service did not create (made directly with psql)."""
     subprocess.run(
-        ["psql", service.admin_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
+        [psql_binary(), service.admin_url, "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
         check=True,
         capture_output=True,
         timeout=60,
