@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
 };
@@ -22,6 +22,13 @@ pub const ALLOWED_ENVS_VAR: &str = "CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS";
 pub const FALLBACK_ALLOWED_ENVS: &str = "dev,staging,ai-staging,prod";
 pub const DEFAULT_NAME_PATTERN: &str = "^[a-z_][a-z0-9_-]*$";
 pub const DEFAULT_TARGET: &str = "default";
+/// Environment variable holding the run-token signing secret (wins over `secret_file`).
+pub const RUN_TOKEN_SECRET_VAR: &str = "DB_LIFECYCLE_RUN_TOKEN_SECRET";
+/// Default `iss` and `aud` of run tokens.
+pub const DEFAULT_RUN_TOKEN_ISSUER: &str = "db-lifecycle";
+pub const DEFAULT_RUN_TOKEN_AUDIENCE: &str = "db-lifecycle";
+/// HS256 keys shorter than the hash output weaken the MAC (RFC 7518 §3.2).
+pub const MIN_RUN_TOKEN_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -128,6 +135,31 @@ struct FileConfig {
     principals: Vec<PrincipalFile>,
     #[serde(default)]
     fault_points: Vec<String>,
+    run_tokens: Option<RunTokensFile>,
+    tls: Option<TlsFile>,
+}
+
+/// `[run_tokens]`: short-lived HS256 JWTs minted per agent run (see docs/security.md).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunTokensFile {
+    secret_file: Option<PathBuf>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    leeway: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    max_ttl: Option<Duration>,
+    allowed_kinds: Option<Vec<PrincipalKind>>,
+}
+
+/// `[tls]`: PEM files for the gRPC listener; `client_ca_file` turns on mutual TLS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,6 +227,71 @@ pub struct Config {
     pub principals: Vec<PrincipalConfig>,
     /// Test-only: names of apply steps at which the process aborts (fault injection).
     pub fault_points: BTreeSet<String>,
+    /// Signed per-run bearer tokens, accepted besides static tokens (None = off).
+    pub run_tokens: Option<RunTokenConfig>,
+    /// TLS (and mutual TLS) for the gRPC listener (None = plaintext).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The HS256 signing secret of run tokens. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RunTokenSecret(Vec<u8>);
+
+impl RunTokenSecret {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+    /// The key bytes, for signing and verifying only.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    /// Read a secret file: its bytes with surrounding ASCII whitespace (a trailing
+    /// newline) removed.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let raw = std::fs::read(path)
+            .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+        Ok(Self(raw.trim_ascii().to_vec()))
+    }
+    fn check(&self, key: &str) -> Result<(), ConfigError> {
+        if self.0.len() < MIN_RUN_TOKEN_SECRET_BYTES {
+            return Err(invalid(
+                key,
+                format!(
+                    "the run-token secret must be at least {MIN_RUN_TOKEN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RunTokenSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RunTokenSecret(***)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RunTokenConfig {
+    pub secret: RunTokenSecret,
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway: Duration,
+    /// Longest accepted lifetime (`exp - iat`).
+    pub max_ttl: Duration,
+    /// Principal kinds a run token may carry.
+    pub allowed_kinds: Vec<PrincipalKind>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Set: clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +350,8 @@ pub struct Overrides {
     pub admin_url: Option<String>,
     /// The raw value of `CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS` (None when unset).
     pub allowed_envs_var: Option<String>,
+    /// `DB_LIFECYCLE_RUN_TOKEN_SECRET` (None when unset or empty).
+    pub run_token_secret: Option<RunTokenSecret>,
 }
 
 impl Overrides {
@@ -262,8 +361,106 @@ impl Overrides {
             metadata_url: std::env::var("DB_LIFECYCLE_METADATA_URL").ok(),
             admin_url: std::env::var("DB_LIFECYCLE_ADMIN_URL").ok(),
             allowed_envs_var: std::env::var(ALLOWED_ENVS_VAR).ok(),
+            run_token_secret: std::env::var(RUN_TOKEN_SECRET_VAR)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .map(RunTokenSecret::new),
         }
     }
+}
+
+/// Only the `[run_tokens]` section of a config file (None = no file), for minting
+/// tokens where the rest of the service's configuration is not at hand.
+pub fn load_run_tokens(
+    path: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<Option<RunTokenConfig>, ConfigError> {
+    let file = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?;
+            parse_file(&text, &p.display().to_string())?
+        }
+        None => FileConfig::default(),
+    };
+    resolve_run_tokens(file.run_tokens, overrides)
+}
+
+fn resolve_run_tokens(
+    file: Option<RunTokensFile>,
+    ov: &Overrides,
+) -> Result<Option<RunTokenConfig>, ConfigError> {
+    let Some(file) = file else {
+        if ov.run_token_secret.is_some() {
+            return Err(invalid(
+                RUN_TOKEN_SECRET_VAR,
+                "is set but run tokens are not configured: add a [run_tokens] section",
+            ));
+        }
+        return Ok(None);
+    };
+    let secret = match (&ov.run_token_secret, &file.secret_file) {
+        (Some(s), _) => {
+            s.check(RUN_TOKEN_SECRET_VAR)?;
+            s.clone()
+        }
+        (None, Some(path)) => {
+            let s = RunTokenSecret::from_file(path)
+                .map_err(|m| invalid("run_tokens.secret_file", m))?;
+            s.check("run_tokens.secret_file")?;
+            s
+        }
+        (None, None) => {
+            return Err(invalid(
+                "run_tokens.secret_file",
+                format!("required (or set {RUN_TOKEN_SECRET_VAR})"),
+            ));
+        }
+    };
+    let text = |key: &str, v: Option<String>, default: &str| -> Result<String, ConfigError> {
+        let v = v.unwrap_or_else(|| default.to_string());
+        if v.trim().is_empty() || v.chars().any(char::is_control) {
+            return Err(invalid(
+                format!("run_tokens.{key}"),
+                "must be non-empty printable text",
+            ));
+        }
+        Ok(v)
+    };
+    let issuer = text("issuer", file.issuer, DEFAULT_RUN_TOKEN_ISSUER)?;
+    let audience = text("audience", file.audience, DEFAULT_RUN_TOKEN_AUDIENCE)?;
+    let leeway = file.leeway.unwrap_or(Duration::from_secs(30));
+    if leeway > Duration::from_secs(300) {
+        return Err(invalid("run_tokens.leeway", "at most 5m"));
+    }
+    let max_ttl = file.max_ttl.unwrap_or(Duration::from_secs(3600));
+    if max_ttl.as_secs() == 0 || max_ttl > Duration::from_secs(7 * 24 * 3600) {
+        return Err(invalid("run_tokens.max_ttl", "must be 1s..=7d"));
+    }
+    let allowed_kinds = file.allowed_kinds.unwrap_or_else(|| {
+        vec![
+            PrincipalKind::Agent,
+            PrincipalKind::Service,
+            PrincipalKind::Human,
+        ]
+    });
+    if allowed_kinds.is_empty() {
+        return Err(invalid(
+            "run_tokens.allowed_kinds",
+            "must name at least one kind (remove [run_tokens] to turn run tokens off)",
+        ));
+    }
+    Ok(Some(RunTokenConfig {
+        secret,
+        issuer,
+        audience,
+        leeway,
+        max_ttl,
+        allowed_kinds,
+    }))
 }
 
 /// Parse a comma separated environment list: trimmed, lower-cased, empties dropped.
@@ -493,6 +690,13 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         });
     }
 
+    let run_tokens = resolve_run_tokens(file.run_tokens, ov)?;
+    let tls = file.tls.map(|t| TlsConfig {
+        cert_file: t.cert_file,
+        key_file: t.key_file,
+        client_ca_file: t.client_ca_file,
+    });
+
     let request_ttl = file.request_ttl.unwrap_or(Duration::from_secs(24 * 3600));
     if request_ttl.is_zero() {
         return Err(invalid("request_ttl", "must be positive"));
@@ -515,6 +719,8 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         default_approval,
         principals,
         fault_points: file.fault_points.into_iter().collect(),
+        run_tokens,
+        tls,
     })
 }
 
@@ -583,6 +789,52 @@ mod tests {
         assert!(!u.redacted().contains("secretpw"));
         let kv = SecretUrl::new("host=h password=secretpw dbname=x");
         assert!(!kv.redacted().contains("secretpw"));
+    }
+
+    #[test]
+    fn run_tokens_need_a_long_secret_and_never_print_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let text = format!(
+            "{}[run_tokens]\nsecret_file = {:?}\n",
+            base(),
+            short.display().to_string()
+        );
+        let err = Config::from_toml(&text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("run_tokens.secret_file"), "{err}");
+
+        let long = dir.path().join("long");
+        let secret = "s3cr3t-".repeat(8);
+        std::fs::write(&long, format!("{secret}\n")).unwrap();
+        let text = format!(
+            "{}[run_tokens]\nsecret_file = {:?}\nmax_ttl = \"15m\"\n",
+            base(),
+            long.display().to_string()
+        );
+        let c = Config::from_toml(&text, &Overrides::default()).unwrap();
+        let rt = c.run_tokens.as_ref().unwrap();
+        assert_eq!(rt.secret.expose(), secret.as_bytes(), "newline trimmed");
+        assert_eq!(rt.max_ttl, Duration::from_secs(900));
+        assert_eq!(rt.issuer, DEFAULT_RUN_TOKEN_ISSUER);
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+
+        // The variable wins over the file.
+        let ov = Overrides {
+            run_token_secret: Some(RunTokenSecret::new("v".repeat(40))),
+            ..Default::default()
+        };
+        let c = Config::from_toml(&text, &ov).unwrap();
+        assert_eq!(
+            c.run_tokens.unwrap().secret.expose(),
+            "v".repeat(40).as_bytes()
+        );
+        // ...but does not turn run tokens on by itself.
+        let err = Config::from_toml(base(), &ov).unwrap_err().to_string();
+        assert!(err.contains(RUN_TOKEN_SECRET_VAR), "{err}");
+        assert!(!format!("{ov:?}").contains("vvvv"));
     }
 
     #[test]

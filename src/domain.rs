@@ -164,6 +164,9 @@ pub struct Principal {
     pub kind: PrincipalKind,
     pub projects: Vec<String>,
     pub roles: BTreeSet<Role>,
+    /// The agent run a run token was minted for (None for static tokens). Written to
+    /// logs and audit payloads so one run's calls can be told apart; never a secret.
+    pub run_id: Option<String>,
 }
 
 impl Principal {

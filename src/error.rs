@@ -8,6 +8,10 @@ pub enum ServiceError {
     MissingToken,
     #[error("invalid or expired bearer token")]
     InvalidToken,
+    /// A bearer token shaped like a run token (JWT) that was refused; the reason
+    /// never contains the token.
+    #[error("invalid run token: {reason}")]
+    InvalidRunToken { reason: String },
 
     #[error("invalid {field}: {reason}")]
     InvalidField { field: &'static str, reason: String },
@@ -82,7 +86,7 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         use ServiceError::*;
         match self {
-            MissingToken | InvalidToken => Code::Unauthenticated,
+            MissingToken | InvalidToken | InvalidRunToken { .. } => Code::Unauthenticated,
             InvalidField { .. } => Code::InvalidArgument,
             EnvironmentNotAllowed { .. }
             | ProtectedDatabase { .. }

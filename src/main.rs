@@ -1,13 +1,18 @@
-//! `db-lifecycle`: serve, migrate, run a local dev stack, hash tokens.
+//! `db-lifecycle`: serve, migrate, run a local dev stack, hash tokens, mint run tokens.
 
 use std::{io::Read, net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use db_lifecycle::{
-    config::{Config, Overrides, token_sha256_hex},
+    config::{
+        Config, DEFAULT_RUN_TOKEN_AUDIENCE, DEFAULT_RUN_TOKEN_ISSUER, Overrides, RunTokenConfig,
+        RunTokenSecret, load_run_tokens, token_sha256_hex,
+    },
     devcluster::TempCluster,
+    domain::{PrincipalKind, Role},
     repository::migrate::migrate,
     server,
+    transport::run_tokens::{MintRequest, mint},
 };
 use rand::Rng;
 
@@ -63,13 +68,72 @@ enum Command {
     },
     /// Print the SHA-256 of a bearer token (read from stdin) for `token_sha256`.
     HashToken,
+    /// Mint a run token (HS256 JWT) for one agent run and print it on stdout.
+    ///
+    /// The secret comes from DB_LIFECYCLE_RUN_TOKEN_SECRET, --secret-file, or the
+    /// `[run_tokens]` section of --config (in that order), never from an argument.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// Config file whose `[run_tokens]` section (secret_file, issuer, audience,
+    /// max_ttl, allowed_kinds) applies; the rest of the file is not needed.
+    #[arg(long, short, env = "DB_LIFECYCLE_CONFIG")]
+    config: Option<PathBuf>,
+    /// File holding the signing secret (overrides the config's secret_file).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// `iss` claim (default: the config's, else "db-lifecycle").
+    #[arg(long)]
+    issuer: Option<String>,
+    /// `aud` claim (default: the config's, else "db-lifecycle").
+    #[arg(long)]
+    audience: Option<String>,
+    /// Principal id (`sub`).
+    #[arg(long)]
+    subject: String,
+    #[arg(long, value_enum)]
+    kind: KindArg,
+    /// Project in scope (repeat for several; `*` for every project).
+    #[arg(long = "project", required = true)]
+    projects: Vec<String>,
+    /// Role (repeat for several).
+    #[arg(long = "role", value_enum)]
+    roles: Vec<RoleArg>,
+    /// Agent run id, recorded in logs and audit rows.
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Lifetime, e.g. 15m (at most the configured max_ttl, default 1h).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Agent,
+    Service,
+    Human,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Requester,
+    Owner,
+    Delegate,
+    Admin,
 }
 
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("DB_LIFECYCLE_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,tower=warn,hyper=warn"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: log files and collectors get plain text.
+    use std::io::IsTerminal;
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder
@@ -132,7 +196,75 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev { listen, state_file } => dev(listen, state_file).await,
+        Command::Token(args) => {
+            println!("{}", mint_token(args)?);
+            Ok(())
+        }
     }
+}
+
+fn mint_token(args: TokenArgs) -> anyhow::Result<String> {
+    let overrides = Overrides::from_env();
+    let from_file = match &args.config {
+        Some(path) => Some(
+            load_run_tokens(Some(path), &overrides)?
+                .ok_or_else(|| anyhow::anyhow!("{} has no [run_tokens] section", path.display()))?,
+        ),
+        None => None,
+    };
+    let secret = match (&overrides.run_token_secret, &args.secret_file, &from_file) {
+        (Some(s), _, _) => s.clone(),
+        (None, Some(path), _) => RunTokenSecret::from_file(path).map_err(anyhow::Error::msg)?,
+        (None, None, Some(cfg)) => cfg.secret.clone(),
+        (None, None, None) => anyhow::bail!(
+            "no signing secret: set DB_LIFECYCLE_RUN_TOKEN_SECRET, or pass --secret-file or --config"
+        ),
+    };
+    anyhow::ensure!(
+        secret.expose().len() >= db_lifecycle::config::MIN_RUN_TOKEN_SECRET_BYTES,
+        "the signing secret must be at least {} bytes",
+        db_lifecycle::config::MIN_RUN_TOKEN_SECRET_BYTES
+    );
+    let base = from_file.unwrap_or_else(|| RunTokenConfig {
+        secret: secret.clone(),
+        issuer: DEFAULT_RUN_TOKEN_ISSUER.into(),
+        audience: DEFAULT_RUN_TOKEN_AUDIENCE.into(),
+        leeway: std::time::Duration::from_secs(30),
+        max_ttl: std::time::Duration::from_secs(3600),
+        allowed_kinds: vec![
+            PrincipalKind::Agent,
+            PrincipalKind::Service,
+            PrincipalKind::Human,
+        ],
+    });
+    let cfg = RunTokenConfig {
+        secret,
+        issuer: args.issuer.unwrap_or(base.issuer),
+        audience: args.audience.unwrap_or(base.audience),
+        ..base
+    };
+    let req = MintRequest {
+        subject: args.subject,
+        kind: match args.kind {
+            KindArg::Agent => PrincipalKind::Agent,
+            KindArg::Service => PrincipalKind::Service,
+            KindArg::Human => PrincipalKind::Human,
+        },
+        projects: args.projects,
+        roles: args
+            .roles
+            .into_iter()
+            .map(|r| match r {
+                RoleArg::Requester => Role::Requester,
+                RoleArg::Owner => Role::Owner,
+                RoleArg::Delegate => Role::Delegate,
+                RoleArg::Admin => Role::Admin,
+            })
+            .collect(),
+        run_id: args.run_id,
+        ttl: args.ttl,
+    };
+    mint(&cfg, &req).map_err(|e| anyhow::anyhow!("cannot mint: {e}"))
 }
 
 fn random_token(prefix: &str) -> String {

@@ -1,6 +1,7 @@
 //! Assembles and runs the gRPC server: DatabaseLifecycle behind its middleware,
 //! gRPC health (SERVING only while the metadata database answers), reflection,
-//! background recovery/expiry, and graceful shutdown.
+//! background recovery/expiry, and graceful shutdown; TLS or mutual TLS on the
+//! listener when `[tls]` is configured.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -21,6 +22,7 @@ use crate::{
     transport::{
         grpc::LifecycleService,
         middleware::{Authenticator, Guarded},
+        tls,
         wire_errors::WireErrors,
     },
 };
@@ -38,6 +40,12 @@ pub async fn run(
     on_listening: Option<oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Read the certificate files first: a bad file stops the start before anything else.
+    let tls_config = config
+        .tls
+        .as_ref()
+        .map(tls::server_tls_config)
+        .transpose()?;
     if config.migrate_on_start {
         let applied = migrate(&config.metadata_url).await?;
         if !applied.is_empty() {
@@ -70,7 +78,14 @@ pub async fn run(
         repo: repo.clone(),
         audit: audit.clone(),
     };
-    let auth = Arc::new(Authenticator::new(&config.principals));
+    let auth = Arc::new(
+        Authenticator::new(&config.principals)
+            .with_run_tokens(config.run_tokens.as_ref())
+            .map_err(anyhow::Error::msg)?,
+    );
+    if let Some(rt) = &config.run_tokens {
+        info!(issuer = %rt.issuer, audience = %rt.audience, max_ttl = ?rt.max_ttl, "run tokens accepted");
+    }
     let grpc = DatabaseLifecycleServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
     // Library refusals (message too large, undecodable) become audited INVALID_ARGUMENT.
     let guarded = Guarded::new(WireErrors::new(grpc, audit.clone()), auth, audit);
@@ -159,7 +174,11 @@ pub async fn run(
 
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    info!(%addr, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
+    let tls_mode = tls::mode(config.tls.as_ref());
+    info!(%addr, tls = %tls_mode, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
+    if tls_config.is_none() && !addr.ip().is_loopback() {
+        warn!(%addr, "serving plaintext on a non-loopback address: bearer tokens cross the network in clear; configure [tls]");
+    }
     if let Some(tx) = on_listening {
         let _ = tx.send(addr);
     }
@@ -179,7 +198,11 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls_config) = tls_config {
+        builder = builder.tls_config(tls_config)?;
+    }
+    let serve = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,6 +1,8 @@
 //! Audit trail (R8): builds `flow_events` and `links` rows. Payloads carry only
 //! validated or escaped input, never tokens or connection URLs.
 
+use std::future::Future;
+
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -13,6 +15,28 @@ use crate::{
 #[derive(Clone)]
 pub struct Audit {
     repo: Repository,
+}
+
+tokio::task_local! {
+    /// The principal a call runs as (set by the transport middleware for the whole
+    /// call), so that events naming it as the actor also carry its run id.
+    static CALLER: (String, Option<String>);
+}
+
+/// Run a call's future as `principal`: events recorded during it whose actor is that
+/// principal get its run id (`payload.run_id`), wherever in the call they are built.
+pub async fn as_caller<F: Future>(principal: &Principal, fut: F) -> F::Output {
+    CALLER
+        .scope((principal.id.clone(), principal.run_id.clone()), fut)
+        .await
+}
+
+/// The run id of the current call's principal, when it is `actor_id`.
+fn caller_run_id(actor_id: &str) -> Option<String> {
+    CALLER
+        .try_with(|(id, run)| if id == actor_id { run.clone() } else { None })
+        .ok()
+        .flatten()
 }
 
 impl Audit {
@@ -29,6 +53,7 @@ impl Audit {
             actor_kind: ctx.principal.kind.as_str().to_string(),
             outcome: "ok",
             payload: Value::Object(Default::default()),
+            run_id: ctx.principal.run_id.clone(),
             ..Default::default()
         }
     }
@@ -52,6 +77,7 @@ impl Audit {
             database_name: req.database_name.clone(),
             outcome: "ok",
             payload: Value::Object(Default::default()),
+            run_id: caller_run_id(actor_id),
             ..Default::default()
         }
     }
@@ -108,6 +134,7 @@ impl Audit {
             status_code: crate::error::code_name(err.code()).to_string(),
             message: err.to_string(),
             payload: serde_json::json!({ "rpc": rpc, "input": input }),
+            run_id: principal.and_then(|p| p.run_id.clone()),
             ..Default::default()
         };
         if let Err(e) = self.repo.insert_event(&ev).await {

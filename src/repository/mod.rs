@@ -118,6 +118,8 @@ pub struct NewEvent {
     pub status_code: String,
     pub message: String,
     pub payload: Value,
+    /// The actor's agent run (run tokens); stored as `payload.run_id`.
+    pub run_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -705,9 +707,22 @@ fn event_params(ev: &NewEvent) -> [&(dyn tokio_postgres::types::ToSql + Sync); 1
 }
 
 pub async fn insert_event<C: GenericClient>(c: &C, ev: &NewEvent) -> Result<()> {
-    c.execute(INSERT_EVENT_SQL, &event_params(ev))
-        .await
-        .map_err(meta)?;
+    match (&ev.run_id, &ev.payload) {
+        (Some(run_id), Value::Object(map)) if !map.contains_key("run_id") => {
+            let mut with_run = ev.clone();
+            if let Value::Object(m) = &mut with_run.payload {
+                m.insert("run_id".into(), Value::String(run_id.clone()));
+            }
+            c.execute(INSERT_EVENT_SQL, &event_params(&with_run))
+                .await
+                .map_err(meta)?;
+        }
+        _ => {
+            c.execute(INSERT_EVENT_SQL, &event_params(ev))
+                .await
+                .map_err(meta)?;
+        }
+    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Middleware in front of the DatabaseLifecycle handlers: correlation id (taken from
 //! `x-correlation-id` or generated, echoed on every response, attached to every log
-//! line through a tracing span) and authentication (bearer token to principal).
-//! A refused call is audited before the error goes back.
+//! line through a tracing span) and authentication (bearer token to principal: a
+//! static token from `[[principals]]`, or a signed run token when `[run_tokens]` is
+//! configured). A refused call is audited before the error goes back.
 
 use std::{
     collections::HashMap,
@@ -17,10 +18,11 @@ use tower::Service;
 use tracing::Instrument;
 
 use crate::{
-    audit::Audit,
-    config::PrincipalConfig,
+    audit::{self, Audit},
+    config::{PrincipalConfig, RunTokenConfig},
     domain::{CallContext, Principal},
     error::{CORRELATION_HEADER, ServiceError},
+    transport::run_tokens::{RunTokenVerifier, looks_like_jwt},
 };
 
 const MAX_CORRELATION_LEN: usize = 128;
@@ -38,9 +40,12 @@ pub fn new_correlation_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// Resolves bearer tokens to principals. Only SHA-256 digests are held.
+/// Resolves bearer tokens to principals: the one place a token becomes a principal.
+/// Of static tokens only SHA-256 digests are held; run tokens are verified by
+/// signature and claims.
 pub struct Authenticator {
     by_digest: HashMap<[u8; 32], Principal>,
+    run_tokens: Option<RunTokenVerifier>,
 }
 
 impl Authenticator {
@@ -55,11 +60,24 @@ impl Authenticator {
                         kind: p.kind,
                         projects: p.projects.clone(),
                         roles: p.roles.clone(),
+                        run_id: None,
                     },
                 )
             })
             .collect();
-        Self { by_digest }
+        Self {
+            by_digest,
+            run_tokens: None,
+        }
+    }
+
+    /// Also accept run tokens signed under this configuration.
+    pub fn with_run_tokens(mut self, config: Option<&RunTokenConfig>) -> Result<Self, String> {
+        self.run_tokens = config
+            .map(RunTokenVerifier::new)
+            .transpose()
+            .map_err(|e| format!("run_tokens: {e}"))?;
+        Ok(self)
     }
 
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ServiceError> {
@@ -81,10 +99,19 @@ impl Authenticator {
         use sha2::{Digest, Sha256};
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Looking up a digest leaks nothing useful through timing.
-        self.by_digest
-            .get(&digest)
-            .cloned()
-            .ok_or(ServiceError::InvalidToken)
+        if let Some(p) = self.by_digest.get(&digest) {
+            return Ok(p.clone());
+        }
+        match &self.run_tokens {
+            Some(verifier) if looks_like_jwt(token) => {
+                verifier
+                    .verify(token)
+                    .map_err(|e| ServiceError::InvalidRunToken {
+                        reason: e.to_string(),
+                    })
+            }
+            _ => Err(ServiceError::InvalidToken),
+        }
     }
 }
 
@@ -153,8 +180,12 @@ where
                 Some(_) => (new_correlation_id(), true),
                 None => (new_correlation_id(), false),
             };
-            let span =
-                tracing::info_span!("rpc", correlation_id = %correlation_id, method = %method);
+            let span = tracing::info_span!(
+                "rpc",
+                correlation_id = %correlation_id,
+                method = %method,
+                run_id = tracing::field::Empty
+            );
             async move {
                 if bad_correlation {
                     let err = ServiceError::invalid(
@@ -168,7 +199,13 @@ where
                     return Ok(error_response(&err, &correlation_id));
                 }
                 let principal = match auth.authenticate(req.headers()) {
-                    Ok(p) => p,
+                    Ok(p) => {
+                        if let Some(run) = &p.run_id {
+                            tracing::Span::current()
+                                .record("run_id", tracing::field::display(run));
+                        }
+                        p
+                    }
                     Err(err) => {
                         tracing::info!(code = "UNAUTHENTICATED", "refused: {err}");
                         audit
@@ -179,9 +216,9 @@ where
                 };
                 req.extensions_mut().insert(CallContext {
                     correlation_id: correlation_id.clone(),
-                    principal,
+                    principal: principal.clone(),
                 });
-                let mut resp = inner.call(req).await?;
+                let mut resp = audit::as_caller(&principal, inner.call(req)).await?;
                 if let Ok(v) = HeaderValue::from_str(&correlation_id) {
                     resp.headers_mut().insert(CORRELATION_HEADER, v);
                 }

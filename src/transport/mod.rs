@@ -3,4 +3,6 @@
 pub mod convert;
 pub mod grpc;
 pub mod middleware;
+pub mod run_tokens;
+pub mod tls;
 pub mod wire_errors;

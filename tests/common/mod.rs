@@ -151,6 +151,11 @@ pub struct Options {
     pub allowed_envs_var: Option<String>,
     /// Reuse an existing metadata database (restart scenarios).
     pub metadata_db: Option<String>,
+    /// Extra environment variables for the server process (set last, so they win).
+    pub env: Vec<(String, String)>,
+    /// Reach the server over TLS with this client configuration (its config must
+    /// have a `[tls]` section, e.g. through `extra_toml`).
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 pub struct TestServer {
@@ -159,6 +164,7 @@ pub struct TestServer {
     pub metadata_db: String,
     pub log_path: PathBuf,
     config_path: PathBuf,
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
     _dir: tempfile::TempDir,
 }
 
@@ -207,6 +213,7 @@ impl TestServer {
             metadata_db,
             log_path,
             config_path,
+            client_tls: opts.client_tls.clone(),
             _dir: dir,
         };
         server.spawn(&opts).await;
@@ -235,6 +242,10 @@ impl TestServer {
             Some(v) => cmd.env("CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS", v),
             None => cmd.env_remove("CODEXK8S_PROJECT_DB_LIFECYCLE_ALLOWED_ENVS"),
         };
+        cmd.env_remove("DB_LIFECYCLE_RUN_TOKEN_SECRET");
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
         let mut child = cmd.spawn().expect("spawn db-lifecycle");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -286,11 +297,20 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to server")
+        match &self.client_tls {
+            None => Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .expect("connect to server"),
+            Some(tls) => Channel::from_shared(format!("https://{}", self.addr))
+                .unwrap()
+                .tls_config(tls.clone())
+                .expect("client TLS config")
+                .connect()
+                .await
+                .expect("connect to server over TLS"),
+        }
     }
 
     pub async fn as_(&self, p: &P) -> Caller {
@@ -859,4 +879,99 @@ pub async fn assert_ownership_consistent(server: &TestServer, names: &[&str]) {
             );
         }
     }
+}
+
+// ---- helpers for run_tokens.rs, tls.rs, secrets.rs and authz_matrix.rs ----
+
+/// The run-token signing secret test servers get from `run_token_options`.
+pub const RUN_TOKEN_SECRET: &str = "test-run-token-secret-0123456789abcdef";
+pub const RUN_TOKEN_ISSUER: &str = "test-control-plane";
+pub const RUN_TOKEN_AUDIENCE: &str = "db-lifecycle-tests";
+
+/// Options for a server that accepts run tokens signed with `RUN_TOKEN_SECRET`
+/// (given through `DB_LIFECYCLE_RUN_TOKEN_SECRET`), plus `extra_toml`.
+pub fn run_token_options(extra_toml: &str) -> Options {
+    Options {
+        extra_toml: format!(
+            "{extra_toml}\n[run_tokens]\nissuer = \"{RUN_TOKEN_ISSUER}\"\naudience = \"{RUN_TOKEN_AUDIENCE}\"\nmax_ttl = \"1h\"\nleeway = \"5s\"\n"
+        ),
+        env: vec![(
+            "DB_LIFECYCLE_RUN_TOKEN_SECRET".into(),
+            RUN_TOKEN_SECRET.into(),
+        )],
+        ..Default::default()
+    }
+}
+
+/// The run-token configuration matching `run_token_options`, for minting.
+pub fn run_token_config() -> db_lifecycle::config::RunTokenConfig {
+    use db_lifecycle::{config::RunTokenSecret, domain::PrincipalKind};
+    db_lifecycle::config::RunTokenConfig {
+        secret: RunTokenSecret::new(RUN_TOKEN_SECRET.as_bytes().to_vec()),
+        issuer: RUN_TOKEN_ISSUER.into(),
+        audience: RUN_TOKEN_AUDIENCE.into(),
+        leeway: Duration::from_secs(5),
+        max_ttl: Duration::from_secs(3600),
+        allowed_kinds: vec![
+            PrincipalKind::Agent,
+            PrincipalKind::Service,
+            PrincipalKind::Human,
+        ],
+    }
+}
+
+/// Mint a run token the `run_token_options` server accepts (10 minutes).
+pub fn run_token(
+    subject: &str,
+    kind: &str,
+    projects: &[&str],
+    roles: &[&str],
+    run_id: Option<&str>,
+) -> String {
+    let kind: db_lifecycle::domain::PrincipalKind =
+        serde_json::from_value(serde_json::Value::String(kind.into())).expect("kind");
+    let roles = roles
+        .iter()
+        .map(|r| serde_json::from_value(serde_json::Value::String((*r).into())).expect("role"))
+        .collect();
+    db_lifecycle::transport::run_tokens::mint(
+        &run_token_config(),
+        &db_lifecycle::transport::run_tokens::MintRequest {
+            subject: subject.into(),
+            kind,
+            projects: projects.iter().map(|p| p.to_string()).collect(),
+            roles,
+            run_id: run_id.map(str::to_string),
+            ttl: Duration::from_secs(600),
+        },
+    )
+    .expect("mint run token")
+}
+
+impl TestServer {
+    /// A caller presenting this bearer token.
+    pub async fn with_token(&self, token: &str) -> Caller {
+        Caller {
+            client: DatabaseLifecycleClient::new(self.channel().await),
+            token: token.to_string(),
+        }
+    }
+}
+
+/// Every row of flow_events (all text columns and the payload) and of links, as
+/// text, for greps over the whole audit trail.
+pub async fn audit_dump(server: &TestServer) -> Vec<String> {
+    let meta = server.meta().await;
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT row_to_json(f)::text FROM flow_events f ORDER BY id",
+        "SELECT row_to_json(l)::text FROM links l",
+        "SELECT row_to_json(r)::text FROM approval_requests r",
+        "SELECT row_to_json(d)::text FROM project_databases d",
+    ] {
+        for row in meta.query(sql, &[]).await.unwrap() {
+            out.push(row.get(0));
+        }
+    }
+    out
 }
