@@ -392,6 +392,22 @@ impl Policy {
         Ok(())
     }
 
+    /// Query RPCs (GetRequest, ListRequests, ListFlowEvents, ListDatabases) need one of
+    /// the roles, as Describe does (design §5: a missing role is PERMISSION_DENIED): a
+    /// principal without any role may not read the project's requests and audit trail.
+    pub fn check_reader(&self, principal: &Principal) -> Result<(), ServiceError> {
+        const READ_ROLES: &[Role] = &[Role::Requester, Role::Owner, Role::Delegate, Role::Admin];
+        if principal.has_any_role(READ_ROLES) {
+            Ok(())
+        } else {
+            Err(ServiceError::forbidden(format!(
+                "principal `{}` needs one of the roles {} to read requests, events or databases",
+                principal.id,
+                role_list(READ_ROLES)
+            )))
+        }
+    }
+
     /// Projects a principal may read (None = every project).
     pub fn readable_projects(&self, principal: &Principal) -> Option<Vec<String>> {
         if principal.covers_all_projects() {

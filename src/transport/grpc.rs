@@ -211,6 +211,7 @@ impl LifecycleService {
         raw_id: &str,
     ) -> Result<proto::ApprovalRequest, ServiceError> {
         let id = parse_request_id(raw_id)?;
+        self.policy.check_reader(&ctx.principal)?;
         let req =
             self.repo
                 .get_request(id)
@@ -238,6 +239,7 @@ impl LifecycleService {
             Ok(s) => Some(convert::state_from_proto(s)),
             Err(_) => return Err(ServiceError::invalid("state", "unknown approval state")),
         };
+        self.policy.check_reader(&ctx.principal)?;
         let project_id = match msg.project_id.trim() {
             "" => None,
             p => Some(self.policy.resolve_project(&ctx.principal, p)?),
@@ -296,6 +298,7 @@ impl LifecycleService {
                 "give exactly one of correlation_id or request_id",
             ));
         }
+        self.policy.check_reader(&ctx.principal)?;
         let rows =
             if !cid.is_empty() {
                 if !crate::transport::middleware::valid_correlation_id(cid) {
@@ -346,6 +349,7 @@ impl LifecycleService {
         msg: &proto::ListDatabasesRequest,
     ) -> Result<proto::ListDatabasesResponse, ServiceError> {
         let limit = page_size(msg.page_size)?;
+        self.policy.check_reader(&ctx.principal)?;
         let project = self
             .policy
             .resolve_project(&ctx.principal, &msg.project_id)?;
