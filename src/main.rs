@@ -340,6 +340,8 @@ token_sha256 = "{admin_h}"
     // `dev` owns its URLs: ignore DB_LIFECYCLE_*_URL from the environment.
     overrides.metadata_url = None;
     overrides.admin_url = None;
+    // ...and its tokens: a run-token secret in the environment does not apply here.
+    overrides.run_token_secret = None;
     let config = Config::from_toml(&text, &overrides)?;
     let envs = config.allowed_environments.join(",");
 
