@@ -106,6 +106,12 @@ fn row(label: &str, service: &Stats, raw: &Stats) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // `cargo test --all-targets` runs bench targets too (without `--bench`): a
+    // benchmark there would only slow the test suite down.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("lifecycle benchmark: skipped (run it with `cargo bench --bench lifecycle`)");
+        return Ok(());
+    }
     let describes = env_usize("BENCH_DESCRIBES", 1000);
     let cycles = env_usize("BENCH_CYCLES", 20);
     let concurrency = env_usize("BENCH_CONCURRENCY", 8);

@@ -317,6 +317,10 @@ else
   stage "cargo fmt --check" cargo_fmt
 fi
 stage "demo (scripts/demo.sh against db-lifecycle dev)" demo
+deploy_validate() {
+  guarded 900 deploy/validate.sh
+}
+stage "deploy manifests (deploy/validate.sh)" deploy_validate
 if [ -n "${SKIP_MCP:-}" ] && [ "$SKIP_MCP" != "0" ]; then
   skip "MCP bridge tests (pytest tests/mcp)" "SKIP_MCP=$SKIP_MCP"
 elif ! [ -f tests/mcp/requirements.txt ]; then

@@ -697,6 +697,18 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         client_ca_file: t.client_ca_file,
     });
 
+    let recovery_interval = file.recovery_interval.unwrap_or(Duration::from_secs(5));
+    if recovery_interval < Duration::from_millis(100) {
+        return Err(invalid("recovery_interval", "must be at least 100ms"));
+    }
+    for (key, size) in [
+        ("admin_pool_size", file.admin_pool_size),
+        ("metadata_pool_size", file.metadata_pool_size),
+    ] {
+        if size == Some(0) {
+            return Err(invalid(key, "must be at least 1"));
+        }
+    }
     let request_ttl = file.request_ttl.unwrap_or(Duration::from_secs(24 * 3600));
     if request_ttl.is_zero() {
         return Err(invalid("request_ttl", "must be positive"));
@@ -707,11 +719,11 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         metadata_url,
         allowed_environments,
         request_ttl,
-        recovery_interval: file.recovery_interval.unwrap_or(Duration::from_secs(5)),
+        recovery_interval,
         shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(20)),
         migrate_on_start: file.migrate_on_start.unwrap_or(true),
         admin_pool_size: file.admin_pool_size.unwrap_or(8),
-        metadata_pool_size: file.metadata_pool_size.unwrap_or(16),
+        metadata_pool_size: file.metadata_pool_size.unwrap_or(24),
         names,
         protected_databases: file.protected_databases,
         targets,

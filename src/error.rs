@@ -196,7 +196,9 @@ impl From<deadpool_postgres::PoolError> for DbError {
         match e {
             PoolError::Backend(e) => DbError::from(e),
             PoolError::Timeout(_) => {
-                DbError::Unreachable("timed out waiting for a connection".into())
+                DbError::Unreachable(
+                    "no connection within the wait timeout (all pooled connections busy, or the server is not answering)".into(),
+                )
             }
             PoolError::Closed => DbError::Unreachable("connection pool closed".into()),
             other => DbError::Unreachable(other.to_string()),

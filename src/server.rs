@@ -54,7 +54,9 @@ pub async fn run(
     }
     let meta_pool =
         build_pool(&config.metadata_url, config.metadata_pool_size).map_err(anyhow::Error::msg)?;
-    let repo = Repository::new(meta_pool.clone());
+    let lock_pool =
+        build_pool(&config.metadata_url, config.metadata_pool_size).map_err(anyhow::Error::msg)?;
+    let repo = Repository::new(meta_pool.clone(), lock_pool.clone());
     let admin =
         AdminClient::new(&config.targets, config.admin_pool_size).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(Policy::new(config.clone()).map_err(anyhow::Error::msg)?);
@@ -69,7 +71,7 @@ pub async fn run(
         config.fault_points.clone(),
     );
     if !config.fault_points.is_empty() {
-        warn!(points = ?config.fault_points, "TEST-ONLY fault points are enabled: the process will abort at them");
+        warn!(points = ?config.fault_points, "TEST-ONLY fault points are enabled: applies park at them until the process is killed");
     }
     let service = LifecycleService {
         policy: policy.clone(),
@@ -226,6 +228,7 @@ pub async fn run(
     let _ = recovery_task.await;
     admin.close();
     meta_pool.close();
+    lock_pool.close();
     info!("db-lifecycle stopped");
     Ok(())
 }

@@ -521,7 +521,7 @@ impl Approvals {
         // Serialize applies of one database across replicas with a transaction-level
         // advisory lock on a connection of its own: a crash or a dropped connection
         // releases it, and it never leaks into the pool.
-        let mut lock_conn = self.repo.client().await?;
+        let mut lock_conn = self.repo.lock_client().await?;
         let lock_tx = lock_conn
             .transaction()
             .await
@@ -757,6 +757,8 @@ impl Approvals {
         } else {
             drop(tx);
         }
+        // Give the connection back before taking another one.
+        drop(client);
         let current =
             self.repo
                 .get_request(req.id)

@@ -73,6 +73,18 @@ pub fn printable(raw: &str) -> String {
     out
 }
 
+/// Unicode format characters (category Cf) and other invisible code points: they
+/// make two different names look identical or reorder what a reader sees.
+fn is_invisible_or_bidi(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
+        | '\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{3164}'
+        | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}' | '\u{FFA0}' | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{110BD}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E007F}')
+}
+
 /// Database name rules: a hard floor that no configuration can lower (non-empty,
 /// no control characters, at most 63 bytes) plus the configured pattern.
 #[derive(Debug, Clone)]
@@ -111,6 +123,12 @@ impl NameRules {
                 printable(raw),
                 raw.len(),
                 self.max_bytes
+            )));
+        }
+        if raw.chars().any(is_invisible_or_bidi) {
+            return Err(bad(format!(
+                "`{}` contains invisible or text-direction characters (zero-width, bidi overrides, ...) that make one name look like another",
+                raw.escape_unicode()
             )));
         }
         if raw.chars().any(|c| c.is_control()) {
@@ -363,7 +381,7 @@ impl Policy {
     ) -> Result<(), ServiceError> {
         if principal.kind != PrincipalKind::Human {
             return Err(ServiceError::forbidden(format!(
-                "only people approve: principal `{}` is a {}",
+                "only people approve: principal `{}` is of kind `{}`",
                 principal.id,
                 principal.kind.as_str()
             )));
@@ -469,6 +487,21 @@ mod tests {
         // 32 two-byte characters = 64 bytes.
         assert!(r.validate(&"é".repeat(32)).is_err());
         assert!(r.validate(&"é".repeat(31)).is_ok());
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused_even_by_a_permissive_pattern() {
+        let r = NameRules::new(".+", 63, "").unwrap();
+        for bad in [
+            "ab\u{202E}cd",
+            "a\u{200B}b",
+            "a\u{200D}b",
+            "\u{FEFF}x",
+            "a\u{2066}b",
+        ] {
+            assert!(r.validate(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(r.validate("données").is_ok());
     }
 
     #[test]

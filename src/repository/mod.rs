@@ -155,11 +155,20 @@ pub struct RequestFilter {
 #[derive(Clone)]
 pub struct Repository {
     pool: Pool,
+    /// Connections that hold an apply's advisory lock for the whole apply. A pool of
+    /// their own, so applies holding locks can never starve the statements they wait
+    /// for (no hold-and-wait on one pool).
+    lock_pool: Pool,
 }
 
 impl Repository {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    pub fn new(pool: Pool, lock_pool: Pool) -> Self {
+        Self { pool, lock_pool }
+    }
+
+    /// A connection for holding an apply lock (see `lock_pool`).
+    pub async fn lock_client(&self) -> Result<deadpool_postgres::Client> {
+        self.lock_pool.get().await.map_err(meta)
     }
 
     pub fn pool(&self) -> &Pool {
