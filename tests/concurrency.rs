@@ -617,3 +617,71 @@ async fn approved_delete_raced_with_create_keeps_database_and_row_in_agreement()
     }
     assert_ownership_invariant(&s1, &names).await;
 }
+
+/// Three replicas on one metadata database; several requests, each approved by many
+/// concurrent calls spread over all three: every request is applied exactly once,
+/// with no duplicate `request.applied` event and no deadlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_apply_every_request_exactly_once() {
+    let (first, second) = replicas("").await;
+    let third = TestServer::start_with(Options {
+        metadata_db: Some(first.metadata_db.clone()),
+        ..Default::default()
+    })
+    .await;
+    let servers = [&first, &second, &third];
+    let agent = first.as_(&AGENT_A).await;
+    let mut names = Vec::new();
+    let mut request_ids = Vec::new();
+    for i in 0..5 {
+        let name = unique(&format!("three_{i}"));
+        let r = agent.create("dev", &name).await.unwrap();
+        assert_eq!(r.status, "approval_required");
+        names.push(name);
+        request_ids.push(r.request_id);
+    }
+    // Six approvers' calls per request: alice and root, on each of the three replicas.
+    let mut calls = Vec::new();
+    for rid in &request_ids {
+        for server in servers {
+            for approver in [&OWNER_A, &ADMIN] {
+                let caller = server.as_(approver).await;
+                let rid = rid.clone();
+                calls.push(call(async move { caller.approve(&rid).await }));
+            }
+        }
+    }
+    let replies = all_at_once(calls).await;
+    for reply in &replies {
+        match reply {
+            Ok(r) => assert!(
+                r.status == "applied" || r.status == "in_progress",
+                "unexpected status {}: {}",
+                r.status,
+                r.message
+            ),
+            Err(s) => assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message()),
+        }
+    }
+    for (rid, name) in request_ids.iter().zip(&names) {
+        assert_eq!(
+            event_count(&first, rid, "request.applied").await,
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            event_count(&first, rid, "request.approved").await,
+            1,
+            "{name}"
+        );
+        assert_eq!(
+            event_count(&first, rid, "request.failed").await,
+            0,
+            "{name}"
+        );
+        assert_eq!(pg_database_count(name).await, 1, "{name}");
+        let stored = agent.get_request(rid).await.unwrap();
+        assert_eq!(state_of(&stored), proto::ApprovalState::Applied, "{name}");
+    }
+    assert_ownership_invariant(&first, &names).await;
+}
