@@ -69,27 +69,31 @@ impl SecretUrl {
     }
     /// The URL with any password replaced, safe to print.
     pub fn redacted(&self) -> String {
-        match url::Url::parse(&self.0) {
-            Ok(mut u) => {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("***"));
-                }
-                u.to_string()
-            }
-            // A key=value connection string: redact the password=... pair.
-            Err(_) => self
-                .0
-                .split_whitespace()
-                .map(|kv| {
-                    if kv.to_ascii_lowercase().starts_with("password=") {
-                        "password=***"
-                    } else {
-                        kv
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join(" "),
-        }
+        // Rebuilt from the parsed parts, so no spelling of the password (userinfo,
+        // `?password=`, `password = '...'`) can survive; the password is never read.
+        let Ok(cfg) = self.pg_config() else {
+            return "<unparsable connection string>".to_string();
+        };
+        let hosts: Vec<String> = cfg
+            .get_hosts()
+            .iter()
+            .zip(cfg.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(h, p)| match h {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{p}"),
+                tokio_postgres::config::Host::Unix(path) => format!("{}:{p}", path.display()),
+            })
+            .collect();
+        let password = if cfg.get_password().is_some() {
+            ":***"
+        } else {
+            ""
+        };
+        format!(
+            "postgres://{}{password}@{}/{}",
+            cfg.get_user().unwrap_or(""),
+            hosts.join(","),
+            cfg.get_dbname().unwrap_or("")
+        )
     }
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
         tokio_postgres::Config::from_str(&self.0)
@@ -799,8 +803,17 @@ mod tests {
         let u = SecretUrl::new("postgres://u:secretpw@h:5432/db");
         assert!(!format!("{u:?}").contains("secretpw"));
         assert!(!u.redacted().contains("secretpw"));
-        let kv = SecretUrl::new("host=h password=secretpw dbname=x");
-        assert!(!kv.redacted().contains("secretpw"));
+        for form in [
+            "host=h password=secretpw dbname=x",
+            "host=h password = secretpw dbname=x",
+            "host=h password='secretpw xx' dbname=x",
+            "postgres://u@h:5432/db?password=secretpw",
+            "postgresql://u:secretpw@h1:1,h2:2/db",
+        ] {
+            let redacted = SecretUrl::new(form).redacted();
+            assert!(!redacted.contains("secretpw"), "{form} -> {redacted}");
+            assert!(!redacted.contains("xx"), "{form} -> {redacted}");
+        }
     }
 
     #[test]

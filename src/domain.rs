@@ -237,6 +237,19 @@ pub struct Ownership {
     pub created_by: String,
     pub request_id: Option<uuid::Uuid>,
     pub created_at: chrono::DateTime<chrono::Utc>,
+    /// pg_database oid of the database the service created (None while unknown).
+    pub database_oid: Option<i64>,
+}
+
+impl Ownership {
+    /// Is the database now under this name the one the service created? False only
+    /// when both oids are known and differ (dropped and re-created outside).
+    pub fn identifies(&self, current_oid: Option<u32>) -> bool {
+        match (self.database_oid, current_oid) {
+            (Some(recorded), Some(current)) => recorded == i64::from(current),
+            _ => true,
+        }
+    }
 }
 
 /// A row of `approval_requests`.

@@ -807,3 +807,118 @@ async fn c15_delete_without_confirmation_refused_nothing_queued_audited() {
     assert!(db_exists(&name).await);
     assert_eq!(ownership_row(&server, &name).await.unwrap().2, "active");
 }
+
+/// Drift, the other way: a managed database dropped by hand and re-created by hand
+/// under the same name is a different database. The service does not adopt it:
+/// describe says it is not managed, delete refuses to drop it, create refuses.
+#[tokio::test]
+async fn drift_database_recreated_by_hand_is_neither_adopted_nor_dropped() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let name = unique("recreated");
+    let r = agent.create("dev", &name).await.unwrap();
+    assert_eq!(
+        owner.approve(&r.request_id).await.unwrap().status,
+        "applied"
+    );
+
+    drop_by_hand(&name).await;
+    create_by_hand(&name).await;
+
+    let d = agent.describe("dev", &name).await.unwrap();
+    assert!(d.exists);
+    assert!(
+        !d.owned_by_project,
+        "a re-created database must not count as owned"
+    );
+    assert!(d.message.contains("re-created"), "{}", d.message);
+
+    let del = expect_code(agent.delete("dev", &name, true).await, Code::NotFound);
+    assert!(del.message().contains(&name), "{}", del.message());
+    let create = expect_code(agent.create("dev", &name).await, Code::AlreadyExists);
+    assert!(
+        create.message().contains("not be adopted"),
+        "{}",
+        create.message()
+    );
+    assert!(
+        db_exists(&name).await,
+        "the hand-made database must survive"
+    );
+}
+
+/// A delete queued before the database was swapped by hand fails at apply time
+/// instead of dropping the stranger.
+#[tokio::test]
+async fn drift_swap_between_request_and_approval_is_not_dropped() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let name = unique("swapped");
+    let r = agent.create("dev", &name).await.unwrap();
+    assert_eq!(
+        owner.approve(&r.request_id).await.unwrap().status,
+        "applied"
+    );
+    let del = agent.delete("dev", &name, true).await.unwrap();
+    assert_eq!(del.status, "approval_required");
+
+    drop_by_hand(&name).await;
+    create_by_hand(&name).await;
+
+    let applied = owner.approve(&del.request_id).await.unwrap();
+    assert_eq!(applied.status, "failed", "{}", applied.message);
+    assert!(
+        db_exists(&name).await,
+        "the hand-made database must survive"
+    );
+}
+
+/// A delete that fails for good (here: PostgreSQL refuses to drop a template
+/// database) leaves the ownership row `active`, not stuck in `deleting`.
+#[tokio::test]
+async fn failed_delete_leaves_the_ownership_row_active() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let name = unique("templ");
+    let r = agent.create("dev", &name).await.unwrap();
+    assert_eq!(
+        owner.approve(&r.request_id).await.unwrap().status,
+        "applied"
+    );
+    target()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} IS_TEMPLATE true",
+            db_lifecycle::domain::quote_identifier(&name)
+        ))
+        .await
+        .unwrap();
+    let del = agent.delete("dev", &name, true).await.unwrap();
+    let applied = owner.approve(&del.request_id).await.unwrap();
+    assert_eq!(applied.status, "failed", "{}", applied.message);
+    assert!(db_exists(&name).await);
+    let state: String = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT state FROM project_databases WHERE database_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "active");
+    let again = agent.create("dev", &name).await.unwrap();
+    assert_eq!(again.status, "unchanged", "{}", again.message);
+    target()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} IS_TEMPLATE false",
+            db_lifecycle::domain::quote_identifier(&name)
+        ))
+        .await
+        .unwrap();
+}

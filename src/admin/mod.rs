@@ -79,6 +79,23 @@ impl AdminClient {
             .map_err(|e| ServiceError::target(target, e))
     }
 
+    /// The database's pg_database oid, None when it does not exist.
+    pub async fn oid(
+        &self,
+        target: &str,
+        name: &DatabaseName,
+    ) -> Result<Option<u32>, ServiceError> {
+        let c = self.client(target).await?;
+        let row = c
+            .query_opt(
+                "SELECT oid FROM pg_database WHERE datname = $1",
+                &[&name.as_str()],
+            )
+            .await
+            .map_err(|e| ServiceError::target(target, e))?;
+        Ok(row.map(|r| r.get::<_, u32>(0)))
+    }
+
     pub async fn exists(&self, target: &str, name: &DatabaseName) -> Result<bool, ServiceError> {
         let c = self.client(target).await?;
         let row = c

@@ -76,6 +76,7 @@ enum Effect {
     Created {
         already_existed: bool,
         resumed: bool,
+        database_oid: Option<i64>,
     },
     Dropped {
         already_gone: bool,
@@ -614,8 +615,9 @@ impl Approvals {
         }
         match req.action {
             Action::Create => {
-                let exists = self.admin.exists(target, &db.name).await?;
-                if exists && own.is_none() {
+                let current_oid = self.admin.oid(target, &db.name).await?;
+                let exists = current_oid.is_some();
+                if exists && !own.as_ref().is_some_and(|o| o.identifies(current_oid)) {
                     return Err(ServiceError::UnmanagedDatabaseExists {
                         name: db.name.to_string(),
                     });
@@ -636,16 +638,23 @@ impl Approvals {
                     }
                 };
                 self.fault("after_create", req).await;
+                let database_oid = self.admin.oid(target, &db.name).await?.map(i64::from);
                 Ok(Effect::Created {
                     already_existed: created == EnsureOutcome::AlreadyExisted,
                     resumed,
+                    database_oid,
                 })
             }
             Action::Delete => {
-                if own.is_none() {
+                let Some(own) = &own else {
                     return Err(ServiceError::DatabaseNotFound {
                         name: db.name.to_string(),
                         environment: req.environment.clone(),
+                    });
+                };
+                if !own.identifies(self.admin.oid(target, &db.name).await?) {
+                    return Err(ServiceError::UnmanagedDatabase {
+                        name: db.name.to_string(),
                     });
                 }
                 self.repo.mark_deleting(req).await?;
@@ -695,8 +704,11 @@ impl Approvals {
                     Effect::Created {
                         already_existed,
                         resumed,
+                        database_oid,
                     } => {
-                        self.repo.activate_ownership(&tx, req).await?;
+                        self.repo
+                            .activate_ownership(&tx, req, *database_oid)
+                            .await?;
                         (
                             format!(
                                 "database `{}` created and owned by project `{}`",
@@ -739,6 +751,11 @@ impl Approvals {
                 (ApprovalState::Applied, ev)
             }
             Err(e) => {
+                // A delete that failed for good leaves the database in place: its row
+                // goes back to `active` instead of staying `deleting`.
+                if req.action == Action::Delete {
+                    self.repo.revert_deleting(&tx, req).await?;
+                }
                 let mut ev = Audit::request_event(req, "request.failed", SYSTEM_ACTOR, SYSTEM_KIND);
                 ev.outcome = "error";
                 ev.status_code = crate::error::code_name(e.code()).into();

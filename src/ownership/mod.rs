@@ -17,6 +17,9 @@ pub struct OwnedCall {
     /// The caller's own ownership row, if any (never another project's).
     pub ownership: Option<Ownership>,
     pub exists: bool,
+    /// The project's row names a database that was dropped and re-created outside
+    /// the service (another oid); `ownership` is then None.
+    pub replaced: bool,
     pub plan: Plan,
 }
 
@@ -58,16 +61,25 @@ impl Ownerships {
     }
 
     pub async fn check(&self, call: CheckedCall) -> Result<OwnedCall, ServiceError> {
-        let ownership = self.own_row(&call).await?;
+        let mut ownership = self.own_row(&call).await?;
+        let current_oid = self
+            .admin
+            .oid(&call.database.target, &call.database.name)
+            .await?;
+        // Dropped and re-created outside the service: the database under this name is
+        // not the one the project owns, so it is treated as unmanaged.
+        let replaced = ownership
+            .as_ref()
+            .is_some_and(|o| !o.identifies(current_oid));
+        if replaced {
+            ownership = None;
+        }
         let name = call.database.name.to_string();
         let registered_elsewhere = ownership
             .as_ref()
             .filter(|o| o.environment != call.environment)
             .map(|o| o.environment.clone());
-        let exists = self
-            .admin
-            .exists(&call.database.target, &call.database.name)
-            .await?;
+        let exists = current_oid.is_some();
         let plan = match call.action {
             Action::Describe => Plan::Describe,
             Action::Create => {
@@ -101,6 +113,7 @@ impl Ownerships {
             call,
             ownership,
             exists,
+            replaced,
             plan,
         })
     }
@@ -139,6 +152,10 @@ impl Ownerships {
             ),
             (true, false) => format!(
                 "database `{name}` is registered to project `{}` but does not exist on the cluster (dropped outside the service?); create it again or delete to clean up",
+                call.project_id
+            ),
+            (false, true) if owned.replaced => format!(
+                "database `{name}` exists but is not the database this service created for project `{}` (it was dropped and re-created outside the service); it is not managed",
                 call.project_id
             ),
             (false, true) => format!("database `{name}` exists but is not managed by this service"),

@@ -62,7 +62,7 @@ fn request_from_row(row: &Row) -> Result<ApprovalRequest> {
 }
 
 const OWNERSHIP_COLUMNS: &str = "target_cluster, database_name, project_id, environment, state, \
-    created_by, request_id, created_at";
+    created_by, request_id, created_at, database_oid";
 
 fn ownership_from_row(row: &Row) -> Ownership {
     Ownership {
@@ -74,6 +74,7 @@ fn ownership_from_row(row: &Row) -> Ownership {
         created_by: row.get("created_by"),
         request_id: row.get("request_id"),
         created_at: row.get("created_at"),
+        database_oid: row.get("database_oid"),
     }
 }
 
@@ -495,7 +496,8 @@ impl Repository {
                      ON CONFLICT (target_cluster, database_name) DO UPDATE \
                        SET state = CASE WHEN project_databases.state = 'active' \
                                    THEN 'active' ELSE 'creating' END, \
-                           request_id = EXCLUDED.request_id, updated_at = now() \
+                           request_id = EXCLUDED.request_id, database_oid = NULL, \
+                           updated_at = now() \
                        WHERE project_databases.project_id = EXCLUDED.project_id \
                          AND project_databases.environment = EXCLUDED.environment \
                      RETURNING {OWNERSHIP_COLUMNS}"
@@ -539,11 +541,34 @@ impl Repository {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         req: &ApprovalRequest,
+        database_oid: Option<i64>,
+    ) -> Result<()> {
+        tx.execute(
+            "UPDATE project_databases SET state = 'active', database_oid = $4, updated_at = now() \
+             WHERE target_cluster = $1 AND database_name = $2 AND project_id = $3",
+            &[
+                &req.target_cluster,
+                &req.database_name,
+                &req.project_id,
+                &database_oid,
+            ],
+        )
+        .await
+        .map_err(meta)?;
+        Ok(())
+    }
+
+    /// Undo a `deleting` intent written by this request (the delete failed for good).
+    pub async fn revert_deleting(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        req: &ApprovalRequest,
     ) -> Result<()> {
         tx.execute(
             "UPDATE project_databases SET state = 'active', updated_at = now() \
-             WHERE target_cluster = $1 AND database_name = $2 AND project_id = $3",
-            &[&req.target_cluster, &req.database_name, &req.project_id],
+             WHERE target_cluster = $1 AND database_name = $2 AND request_id = $3 \
+               AND state = 'deleting'",
+            &[&req.target_cluster, &req.database_name, &req.id],
         )
         .await
         .map_err(meta)?;
