@@ -655,7 +655,18 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
             "must be 1..=63 (PostgreSQL truncates identifiers at 63 bytes)",
         ));
     }
-    regex::Regex::new(&names.pattern).map_err(|e| invalid("names.pattern", e.to_string()))?;
+    let rules = crate::policy::NameRules::new(&names.pattern, names.max_bytes, &names.hint)
+        .map_err(|e| invalid("names.pattern", e.to_string()))?;
+    // An entry no valid name can equal (a typo, stray spaces, wrong case under a
+    // lowercase rule) would silently protect nothing.
+    for entry in &file.protected_databases {
+        rules.validate(entry).map_err(|e| {
+            invalid(
+                "protected_databases",
+                format!("`{entry}` can never match a database name this service accepts ({e})"),
+            )
+        })?;
+    }
 
     let mut principals = Vec::new();
     let mut seen_ids = BTreeSet::new();

@@ -171,6 +171,14 @@ impl From<tokio_postgres::Error> for DbError {
         match e.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
+                // 28xxx: the cluster refused the service's own credentials. A
+                // configuration problem the caller cannot fix; the message would name
+                // the service's role, so it is replaced.
+                if code.starts_with("28") {
+                    return DbError::Unreachable(format!(
+                        "the cluster refused the service's credentials ({code}); check its configured URL"
+                    ));
+                }
                 // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
                 // 08xxx connection exceptions, 53300 too_many_connections; and conditions
                 // that pass by themselves: 55006 object_in_use (e.g. the template

@@ -45,6 +45,14 @@ fn bad_config_fails_at_start_naming_the_key() {
             "metadata_url",
         ),
         (
+            "metadata_url = \"postgres://u:pw@127.0.0.1:1/m\"\nadmin_url = \"postgres://u:pw@127.0.0.1:1/p\"\nprotected_databases = [\"Billing\"]\n",
+            "protected_databases",
+        ),
+        (
+            "metadata_url = \"postgres://u:pw@127.0.0.1:1/m\"\nadmin_url = \"postgres://u:pw@127.0.0.1:1/p\"\nprotected_databases = [\" ledger \"]\n",
+            "protected_databases",
+        ),
+        (
             "metadata_url = \"postgres://u:pw@127.0.0.1:1/m\"\nadmin_url = \"postgres://u:pw@127.0.0.1:1/p\"\n[environments.dev]\ntarget = \"nowhere\"\n",
             "environments.dev.target",
         ),

@@ -960,3 +960,36 @@ async fn an_invalid_caller_correlation_id_is_invalid_argument() {
     assert_eq!(request_count(&server).await, 0);
     assert!(!db_exists(&name).await);
 }
+
+/// A target cluster that refuses the service's own credentials is UNAVAILABLE for
+/// the caller, and the message names neither the password nor the service's role.
+#[tokio::test]
+async fn target_refusing_the_service_credentials_is_unavailable_without_details() {
+    let url = cluster()
+        .url("postgres")
+        .replace(cluster().password(), "wrong-password-xyz");
+    let server = TestServer::start_with(Options {
+        extra_toml: format!(
+            "[targets.badpw]\nadmin_url = \"{url}\"\n[environments.badpw]\ntarget = \"badpw\"\n"
+        ),
+        allowed_envs_var: Some("dev,badpw".into()),
+        ..Default::default()
+    })
+    .await;
+    let agent = server.as_(&AGENT_A).await;
+    let s = expect_code(
+        agent.describe("badpw", &unique("x")).await,
+        Code::Unavailable,
+    );
+    assert!(s.message().contains("credentials"), "{}", s.message());
+    assert!(
+        !s.message().contains("wrong-password-xyz"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        !s.message().contains("user \"postgres\""),
+        "{}",
+        s.message()
+    );
+}
