@@ -316,12 +316,16 @@ impl Approvals {
             .repo
             .ownership(target, call.database.name.as_str())
             .await?;
-        let ours = row.is_some_and(|o| {
+        let Some(row) = row.filter(|o| {
             o.state == "active"
                 && o.project_id == call.project_id
                 && o.environment == call.environment
-        });
-        Ok(ours && self.admin.exists(target, &call.database.name).await?)
+        }) else {
+            return Ok(false);
+        };
+        // Present means: it exists, and it is the very database the service created.
+        let current_oid = self.admin.oid(target, &call.database.name).await?;
+        Ok(current_oid.is_some() && row.identifies(current_oid))
     }
 
     async fn reuse_or_conflict(
