@@ -88,17 +88,39 @@ impl SecretUrl {
         } else {
             ""
         };
+        let tls = match self.tls() {
+            Ok(t) if t.mode != crate::admin::tls::SslMode::Prefer => {
+                format!("?sslmode={}", t.mode.as_str())
+            }
+            _ => String::new(),
+        };
         format!(
-            "postgres://{}{password}@{}/{}",
+            "postgres://{}{password}@{}/{}{tls}",
             cfg.get_user().unwrap_or(""),
             hosts.join(","),
             cfg.get_dbname().unwrap_or("")
         )
     }
+    /// The driver's configuration (TLS negotiation mode included); the certificate
+    /// parameters are in `tls()`.
     pub fn pg_config(&self) -> Result<tokio_postgres::Config, String> {
-        tokio_postgres::Config::from_str(&self.0)
-            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))
+        let (rest, tls) = crate::admin::tls::split_tls_params(&self.0)?;
+        let mut cfg = tokio_postgres::Config::from_str(&rest)
+            .map_err(|e| format!("not a valid PostgreSQL URL ({e})"))?;
+        cfg.ssl_mode(tls.driver_mode());
+        Ok(cfg)
     }
+    /// The libpq TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+    pub fn tls(&self) -> Result<crate::admin::tls::PgTls, String> {
+        crate::admin::tls::split_tls_params(&self.0).map(|(_, tls)| tls)
+    }
+}
+
+/// A connection string that parses, with TLS settings whose files can be read.
+fn check_pg_url(url: &SecretUrl) -> Result<(), String> {
+    url.pg_config()?;
+    url.tls()?.connector()?;
+    Ok(())
 }
 
 impl fmt::Debug for SecretUrl {
@@ -566,9 +588,7 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
                 "required (or set DB_LIFECYCLE_METADATA_URL)",
             )
         })?;
-    metadata_url
-        .pg_config()
-        .map_err(|m| invalid("metadata_url", m))?;
+    check_pg_url(&metadata_url).map_err(|m| invalid("metadata_url", m))?;
 
     // Seed rule: the variable wins when set and non-empty; unset or empty falls back.
     let allowed_environments = match ov.allowed_envs_var.as_deref().map(parse_env_list) {
@@ -588,14 +608,12 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
 
     let mut targets: BTreeMap<String, SecretUrl> = BTreeMap::new();
     for (name, t) in file.targets {
-        t.admin_url
-            .pg_config()
-            .map_err(|m| invalid(format!("targets.{name}.admin_url"), m))?;
+        check_pg_url(&t.admin_url).map_err(|m| invalid(format!("targets.{name}.admin_url"), m))?;
         targets.insert(name, t.admin_url);
     }
     let admin_url = ov.admin_url.clone().map(SecretUrl::new).or(file.admin_url);
     if let Some(url) = admin_url {
-        url.pg_config().map_err(|m| invalid("admin_url", m))?;
+        check_pg_url(&url).map_err(|m| invalid("admin_url", m))?;
         targets.insert(DEFAULT_TARGET.to_string(), url);
     }
 

@@ -322,6 +322,90 @@ impl TempCluster {
         Ok(())
     }
 
+    /// Turn TLS on (tests of TLS to PostgreSQL): the server certificate and key, and
+    /// optionally the CA that client certificates must chain to, are written into the
+    /// data directory (owned by the server's OS user, mode 0600) and the configuration
+    /// reloaded. Plain connections keep working unless `pg_hba.conf` says otherwise.
+    pub async fn enable_tls(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut files = vec![("server.crt", cert_pem), ("server.key", key_pem)];
+        if let Some(ca) = client_ca_pem {
+            files.push(("client-ca.crt", ca));
+        }
+        for (name, pem) in &files {
+            self.write_data_file(name, pem)?;
+        }
+        let client = self.connect("postgres").await?;
+        let mut settings = vec![
+            ("ssl_cert_file", "server.crt"),
+            ("ssl_key_file", "server.key"),
+        ];
+        if client_ca_pem.is_some() {
+            settings.push(("ssl_ca_file", "client-ca.crt"));
+        }
+        settings.push(("ssl", "on"));
+        // One statement each: ALTER SYSTEM cannot run in a (multi-statement) transaction.
+        for (name, value) in settings {
+            client
+                .batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+                .await
+                .with_context(|| format!("setting {name}"))?;
+        }
+        client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("reloading the configuration")?;
+        self.wait_for_setting(&client, "ssl", "on").await
+    }
+
+    /// Put `lines` at the top of `pg_hba.conf` (first match wins) and reload.
+    pub async fn prepend_hba(&self, lines: &str) -> anyhow::Result<()> {
+        let path = self.data_dir.join("pg_hba.conf");
+        let current = std::fs::read_to_string(&path).context("reading pg_hba.conf")?;
+        self.write_data_file("pg_hba.conf", &format!("{lines}\n{current}"))?;
+        let client = self.connect("postgres").await?;
+        client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("reloading pg_hba.conf")?;
+        // The postmaster rereads pg_hba.conf on the signal pg_reload_conf() sent; give
+        // it a moment (the callers then check the rules' effect themselves).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+
+    fn write_data_file(&self, name: &str, contents: &str) -> anyhow::Result<()> {
+        let path = self.data_dir.join(name);
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(user) = &self.run_as {
+            chown(&path, user)?;
+        }
+        Ok(())
+    }
+
+    async fn wait_for_setting(
+        &self,
+        client: &tokio_postgres::Client,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        for _ in 0..100 {
+            let row = client
+                .query_one("SELECT current_setting($1)", &[&name])
+                .await?;
+            if row.get::<_, String>(0) == value {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("{name} is not {value} after reload:\n{}", self.log_tail())
+    }
+
     fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host("127.0.0.1")

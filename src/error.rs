@@ -193,7 +193,7 @@ impl From<tokio_postgres::Error> for DbError {
                 }
             }
             // No server error: I/O, TLS, timeouts while connecting.
-            None => DbError::Unreachable(e.to_string()),
+            None => DbError::Unreachable(error_chain(&e)),
         }
     }
 }
@@ -212,6 +212,20 @@ impl From<deadpool_postgres::PoolError> for DbError {
             other => DbError::Unreachable(other.to_string()),
         }
     }
+}
+
+/// An error and its causes, `: `-joined. The driver's own message is only its kind
+/// ("error performing TLS handshake"); the cause says which certificate check failed.
+/// None of these carry the connection string.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The canonical upper-case name of a gRPC code, as written in audit rows.

@@ -46,6 +46,23 @@ pub async fn run(
         .as_ref()
         .map(tls::server_tls_config)
         .transpose()?;
+    let connections = std::iter::once(("metadata_url".to_string(), &config.metadata_url)).chain(
+        config
+            .targets
+            .iter()
+            .map(|(name, url)| (format!("target `{name}`"), url)),
+    );
+    for (what, url) in connections {
+        if let Ok(tls) = url.tls()
+            && tls.mode == crate::admin::tls::SslMode::Require
+            && !tls.verifies_server()
+        {
+            warn!(
+                connection = %what,
+                "sslmode=require without sslrootcert: traffic is encrypted but the server's certificate is not checked; use sslmode=verify-full with sslrootcert"
+            );
+        }
+    }
     if config.migrate_on_start {
         let applied = migrate(&config.metadata_url).await?;
         if !applied.is_empty() {
@@ -177,7 +194,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let tls_mode = tls::mode(config.tls.as_ref());
-    info!(%addr, tls = %tls_mode, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
+    info!(%addr, tls = %tls_mode, metadata = ?config.metadata_url, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
     if tls_config.is_none() && !addr.ip().is_loopback() {
         warn!(%addr, "serving plaintext on a non-loopback address: bearer tokens cross the network in clear; configure [tls]");
     }

@@ -108,7 +108,11 @@ async fn deny_changes_nothing_is_idempotent_and_cannot_be_approved_afterwards() 
     assert!(!db_exists(&name).await);
 
     let trail = event_types(&agent.events_by_request(&rid).await.unwrap());
-    assert_eq!(trail, vec!["request.created", "request.denied"]);
+    // The refused late approve is on the request's trail too.
+    assert_eq!(
+        trail,
+        vec!["request.created", "request.denied", "call.refused"]
+    );
 
     // A denied request does not block a new one for the same name.
     let next = agent.create("dev", &name).await.unwrap();
@@ -179,6 +183,21 @@ async fn four_eyes_the_requester_cannot_decide_its_own_request() {
         Some("requested")
     );
     assert!(!db_exists(&name).await);
+    // The refused attempts are part of the request's trail: an owner reviewing it sees
+    // who tried to decide it and why that was refused.
+    let trail = alice.events_by_request(&created.request_id).await.unwrap();
+    let refusals: Vec<_> = trail
+        .iter()
+        .filter(|e| e.event_type == "call.refused")
+        .collect();
+    assert_eq!(refusals.len(), 2, "{:?}", event_types(&trail));
+    for e in refusals {
+        assert_eq!(e.actor_id, "anna");
+        assert_eq!(e.status_code, "PERMISSION_DENIED");
+        assert_eq!(e.project_id, "alpha");
+        assert_eq!(e.database_name, name);
+        assert!(e.message.contains("four-eyes"), "{}", e.message);
+    }
 
     let applied = alice.approve(&created.request_id).await.unwrap();
     assert_eq!(applied.status, "applied", "{}", applied.message);
@@ -298,7 +317,25 @@ async fn an_owner_of_another_project_cannot_decide() {
         let s = refused(&server, r, Code::PermissionDenied).await;
         assert!(s.message().contains("outside the scope"), "{}", s.message());
         assert!(!s.message().contains("alpha"), "{}", s.message());
+        // Bob's own trail of the call names the request he gave, not its project.
+        let own = bob
+            .events_by_correlation(&status_correlation_id(&s))
+            .await
+            .unwrap();
+        assert_eq!(event_types(&own), ["call.refused"]);
+        assert_eq!(own[0].request_id, created.request_id);
+        assert_eq!(own[0].project_id, "", "the other project is not revealed");
+        assert_eq!(own[0].database_name, "");
     }
+    // Project alpha's owners see the attempts on their request.
+    let alice = server.as_(&OWNER_A).await;
+    let trail = alice.events_by_request(&created.request_id).await.unwrap();
+    let attempts: Vec<_> = trail
+        .iter()
+        .filter(|e| e.event_type == "call.refused")
+        .map(|e| e.actor_id.as_str())
+        .collect();
+    assert_eq!(attempts, ["bob", "bob"], "{:?}", event_types(&trail));
     assert_eq!(
         stored_state(&server, &created.request_id).await.as_deref(),
         Some("requested")

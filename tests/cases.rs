@@ -457,6 +457,12 @@ async fn c06_create_of_unmanaged_database_refused_and_not_adopted() {
     assert!(described.exists);
     assert!(!described.owned_by_project);
     assert!(described.owner_project_id.is_empty());
+    assert!(
+        described.facts.is_none(),
+        "catalog facts (owner role, size, connections) of a database the caller does \
+         not own are not disclosed: {:?}",
+        described.facts
+    );
 
     assert!(db_exists(&legacy).await);
     assert_eq!(

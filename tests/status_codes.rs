@@ -454,7 +454,10 @@ async fn permission_denied_for_database_of_another_project_without_revealing_own
                 !row.message.contains("alpha") && !row.payload.contains("alpha"),
                 "{row:?}"
             );
-            assert_eq!(row.project_id, "", "refusal row must not carry the owner");
+            assert_eq!(
+                row.project_id, "beta",
+                "a refusal row carries the caller's project, never the owner"
+            );
         }
         // Nor through the audit trail of A's request, nor through ListRequests.
         let seen = b

@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{NoTls, error::SqlState};
+use tokio_postgres::error::SqlState;
+
+pub mod tls;
 
 use crate::{
     config::SecretUrl,
@@ -24,9 +26,10 @@ pub fn build_pool(url: &SecretUrl, max_size: usize) -> Result<Pool, String> {
     if cfg.get_application_name().is_none() {
         cfg.application_name("db-lifecycle");
     }
+    let connector = url.tls()?.connector()?;
     let manager = Manager::from_config(
         cfg,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -787,7 +787,17 @@ impl Approvals {
                 .ok_or_else(|| ServiceError::RequestNotFound {
                     request_id: req.id.to_string(),
                 })?;
-        info!(request_id = %req.id, state = %current.state, "apply finished");
+        match (&failure, finished) {
+            // Failed for good: an operator needs to see this without debug logging.
+            (Some(reason), true) => warn!(
+                request_id = %req.id,
+                state = %current.state,
+                action = %req.action,
+                database = %req.database_name,
+                "apply failed: {reason}"
+            ),
+            _ => info!(request_id = %req.id, state = %current.state, "apply finished"),
+        }
         Ok(self.report(&current))
     }
 

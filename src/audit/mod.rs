@@ -12,6 +12,31 @@ use crate::{
     repository::{NewEvent, Repository},
 };
 
+/// What a call turned out to be about, learned as it passed its checks. A refusal is
+/// recorded under it, so that an owner who lists a request's or a project's events also
+/// sees the attempts that were refused. Filled only from validated values, and with a
+/// project only when the caller's scope covers it (the row is visible to its actor).
+#[derive(Debug, Default, Clone)]
+pub struct RefusalSubject {
+    pub request_id: Option<Uuid>,
+    pub project_id: String,
+    pub environment: String,
+    pub database_name: String,
+}
+
+impl RefusalSubject {
+    /// A stored request: its id always (the caller named it), its project, environment
+    /// and database only when `covered` (the caller may read that project).
+    pub fn request(&mut self, req: &ApprovalRequest, covered: bool) {
+        self.request_id = Some(req.id);
+        if covered {
+            self.project_id = req.project_id.clone();
+            self.environment = req.environment.clone();
+            self.database_name = req.database_name.clone();
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Audit {
     repo: Repository,
@@ -116,9 +141,14 @@ impl Audit {
         rpc: &str,
         err: &ServiceError,
         input: Value,
+        subject: RefusalSubject,
     ) {
         let ev = NewEvent {
             correlation_id: correlation_id.to_string(),
+            request_id: subject.request_id,
+            project_id: subject.project_id,
+            environment: subject.environment,
+            database_name: subject.database_name,
             event_type: "call.refused",
             actor_id: principal.map(|p| p.id.clone()).unwrap_or_default(),
             actor_kind: principal
@@ -135,7 +165,6 @@ impl Audit {
             message: err.to_string(),
             payload: serde_json::json!({ "rpc": rpc, "input": input }),
             run_id: principal.and_then(|p| p.run_id.clone()),
-            ..Default::default()
         };
         if let Err(e) = self.repo.insert_event(&ev).await {
             tracing::warn!(rpc, error = %e, refusal = %err, "could not record refusal in flow_events");

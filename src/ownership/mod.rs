@@ -136,16 +136,28 @@ impl Ownerships {
         &self,
         owned: &OwnedCall,
     ) -> Result<crate::domain::LifecycleOutcome, ServiceError> {
-        let facts = self.facts(owned).await?;
         let call = &owned.call;
         let owned_by_project = owned.ownership.is_some();
+        // Catalog facts (owner role, size, connections) only for the project's own
+        // database: a database the service does not manage for this caller is
+        // reported as existing, and nothing more.
+        let facts = if owned_by_project {
+            self.facts(owned).await?
+        } else {
+            None
+        };
+        let exists = if owned_by_project {
+            facts.is_some()
+        } else {
+            owned.exists
+        };
         let registered = owned
             .ownership
             .as_ref()
             .map(|o| o.environment.clone())
             .unwrap_or_default();
         let name = call.database.name.to_string();
-        let message = match (owned_by_project, facts.is_some()) {
+        let message = match (owned_by_project, exists) {
             (true, true) => format!(
                 "database `{name}` exists and is owned by project `{}`",
                 call.project_id
@@ -169,7 +181,7 @@ impl Ownerships {
             database_name: name,
             project_id: call.project_id.clone(),
             applied: false,
-            exists: facts.is_some(),
+            exists,
             owned_by_project,
             owner_project_id: if owned_by_project {
                 call.project_id.clone()

@@ -1,8 +1,6 @@
 //! Schema migrations (refinery, files in `migrations/`), serialized across replicas
 //! with an advisory lock so several starting replicas do not race.
 
-use tokio_postgres::NoTls;
-
 use crate::config::SecretUrl;
 
 refinery::embed_migrations!("migrations");
@@ -13,10 +11,16 @@ const MIGRATION_LOCK_KEY: i64 = 0x6462_6c69_6665; // "dblife"
 pub async fn migrate(url: &SecretUrl) -> anyhow::Result<Vec<String>> {
     let mut cfg = url.pg_config().map_err(anyhow::Error::msg)?;
     cfg.connect_timeout(std::time::Duration::from_secs(10));
-    let (mut client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to the metadata database: {e}"))?;
+    let connector = url
+        .tls()
+        .and_then(|t| t.connector())
+        .map_err(anyhow::Error::msg)?;
+    let (mut client, conn) = cfg.connect(connector).await.map_err(|e| {
+        anyhow::anyhow!(
+            "connecting to the metadata database: {}",
+            crate::error::error_chain(&e)
+        )
+    })?;
     let conn_task = tokio::spawn(conn);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::{
     approvals::{Approvals, Decision},
-    audit::Audit,
+    audit::{Audit, RefusalSubject},
     domain::{Action, ApprovalState, CallContext, LifecycleOutcome},
     error::{ServiceError, code_name},
     ownership::Ownerships,
@@ -96,6 +96,7 @@ impl LifecycleService {
         ctx: &CallContext,
         rpc: &str,
         input: Value,
+        subject: RefusalSubject,
         result: Result<T, ServiceError>,
     ) -> Result<Response<T>, Status> {
         match result {
@@ -111,7 +112,14 @@ impl LifecycleService {
                     tracing::info!(principal = %ctx.principal.id, code, "refused: {err}");
                 }
                 self.audit
-                    .refusal(&ctx.correlation_id, Some(&ctx.principal), rpc, &err, input)
+                    .refusal(
+                        &ctx.correlation_id,
+                        Some(&ctx.principal),
+                        rpc,
+                        &err,
+                        input,
+                        subject,
+                    )
                     .await;
                 Err(err.to_status(&ctx.correlation_id))
             }
@@ -124,8 +132,13 @@ impl LifecycleService {
         ctx: &CallContext,
         action: Action,
         raw: RawCall<'_>,
+        subject: &mut RefusalSubject,
     ) -> Result<proto::LifecycleResult, ServiceError> {
         let checked = self.policy.check_call(&ctx.principal, action, &raw)?;
+        // Past policy: project, environment and name are validated and the caller's own.
+        subject.project_id = checked.project_id.clone();
+        subject.environment = checked.environment.clone();
+        subject.database_name = checked.database.name.to_string();
         let owned = self.ownership.check(checked).await?;
         let outcome = match action {
             Action::Describe => {
@@ -159,6 +172,7 @@ impl LifecycleService {
         &self,
         ctx: &CallContext,
         msg: &proto::ApproveRequest,
+        subject: &mut RefusalSubject,
     ) -> Result<LifecycleOutcome, ServiceError> {
         let id = parse_request_id(&msg.request_id)?;
         let decision = match proto::Decision::try_from(msg.decision) {
@@ -201,6 +215,7 @@ impl LifecycleService {
                 .ok_or_else(|| ServiceError::RequestNotFound {
                     request_id: id.to_string(),
                 })?;
+        subject.request(&req, ctx.principal.covers_project(&req.project_id));
         self.policy.check_decider(&ctx.principal, &req)?;
         self.approvals.decide(ctx, req, decision, reason).await
     }
@@ -209,6 +224,7 @@ impl LifecycleService {
         &self,
         ctx: &CallContext,
         raw_id: &str,
+        subject: &mut RefusalSubject,
     ) -> Result<proto::ApprovalRequest, ServiceError> {
         let id = parse_request_id(raw_id)?;
         self.policy.check_reader(&ctx.principal)?;
@@ -219,7 +235,9 @@ impl LifecycleService {
                 .ok_or_else(|| ServiceError::RequestNotFound {
                     request_id: id.to_string(),
                 })?;
-        if !ctx.principal.covers_project(&req.project_id) {
+        let covered = ctx.principal.covers_project(&req.project_id);
+        subject.request(&req, covered);
+        if !covered {
             return Err(ServiceError::forbidden(format!(
                 "request {id} belongs to a project outside the scope of principal `{}`",
                 ctx.principal.id
@@ -284,6 +302,7 @@ impl LifecycleService {
         &self,
         ctx: &CallContext,
         msg: &proto::ListFlowEventsRequest,
+        subject: &mut RefusalSubject,
     ) -> Result<proto::ListFlowEventsResponse, ServiceError> {
         let limit = page_size(msg.page_size)?;
         let after_id = decode_token("e", &msg.page_token)?
@@ -323,7 +342,9 @@ impl LifecycleService {
                         request_id: id.to_string(),
                     }
                 })?;
-                if !ctx.principal.covers_project(&req.project_id) {
+                let covered = ctx.principal.covers_project(&req.project_id);
+                subject.request(&req, covered);
+                if !covered {
                     return Err(ServiceError::forbidden(format!(
                         "request {id} belongs to a project outside the scope of principal `{}`",
                         ctx.principal.id
@@ -398,7 +419,10 @@ impl DatabaseLifecycle for LifecycleService {
             confirm_delete: false,
             dry_run: m.dry_run,
         };
-        let result = self.lifecycle(&ctx, Action::Create, raw).await;
+        let mut subject = RefusalSubject::default();
+        let result = self
+            .lifecycle(&ctx, Action::Create, raw, &mut subject)
+            .await;
         let input = input_summary(
             &[
                 ("environment", &m.environment),
@@ -407,7 +431,7 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[("dry_run", m.dry_run)],
         );
-        self.respond(&ctx, "Create", input, result).await
+        self.respond(&ctx, "Create", input, subject, result).await
     }
 
     async fn delete(
@@ -423,7 +447,10 @@ impl DatabaseLifecycle for LifecycleService {
             confirm_delete: m.confirm_delete,
             dry_run: m.dry_run,
         };
-        let result = self.lifecycle(&ctx, Action::Delete, raw).await;
+        let mut subject = RefusalSubject::default();
+        let result = self
+            .lifecycle(&ctx, Action::Delete, raw, &mut subject)
+            .await;
         let input = input_summary(
             &[
                 ("environment", &m.environment),
@@ -432,7 +459,7 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[("confirm_delete", m.confirm_delete), ("dry_run", m.dry_run)],
         );
-        self.respond(&ctx, "Delete", input, result).await
+        self.respond(&ctx, "Delete", input, subject, result).await
     }
 
     async fn describe(
@@ -448,7 +475,10 @@ impl DatabaseLifecycle for LifecycleService {
             confirm_delete: false,
             dry_run: false,
         };
-        let result = self.lifecycle(&ctx, Action::Describe, raw).await;
+        let mut subject = RefusalSubject::default();
+        let result = self
+            .lifecycle(&ctx, Action::Describe, raw, &mut subject)
+            .await;
         let input = input_summary(
             &[
                 ("environment", &m.environment),
@@ -457,7 +487,7 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(&ctx, "Describe", input, result).await
+        self.respond(&ctx, "Describe", input, subject, result).await
     }
 
     async fn approve(
@@ -466,8 +496,9 @@ impl DatabaseLifecycle for LifecycleService {
     ) -> Result<Response<proto::LifecycleResult>, Status> {
         let ctx = context(&request)?;
         let m = request.into_inner();
+        let mut subject = RefusalSubject::default();
         let result = self
-            .approve_inner(&ctx, &m)
+            .approve_inner(&ctx, &m, &mut subject)
             .await
             .map(|o| convert::result(o, &ctx.correlation_id));
         let input = json!({
@@ -475,7 +506,7 @@ impl DatabaseLifecycle for LifecycleService {
             "decision": m.decision,
             "reason": printable(&m.reason),
         });
-        self.respond(&ctx, "Approve", input, result).await
+        self.respond(&ctx, "Approve", input, subject, result).await
     }
 
     async fn get_request(
@@ -484,9 +515,13 @@ impl DatabaseLifecycle for LifecycleService {
     ) -> Result<Response<proto::ApprovalRequest>, Status> {
         let ctx = context(&request)?;
         let m = request.into_inner();
-        let result = self.get_request_inner(&ctx, &m.request_id).await;
+        let mut subject = RefusalSubject::default();
+        let result = self
+            .get_request_inner(&ctx, &m.request_id, &mut subject)
+            .await;
         let input = json!({ "request_id": printable(&m.request_id) });
-        self.respond(&ctx, "GetRequest", input, result).await
+        self.respond(&ctx, "GetRequest", input, subject, result)
+            .await
     }
 
     async fn list_requests(
@@ -503,7 +538,14 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(&ctx, "ListRequests", input, result).await
+        self.respond(
+            &ctx,
+            "ListRequests",
+            input,
+            RefusalSubject::default(),
+            result,
+        )
+        .await
     }
 
     async fn list_flow_events(
@@ -512,7 +554,8 @@ impl DatabaseLifecycle for LifecycleService {
     ) -> Result<Response<proto::ListFlowEventsResponse>, Status> {
         let ctx = context(&request)?;
         let m = request.into_inner();
-        let result = self.list_events_inner(&ctx, &m).await;
+        let mut subject = RefusalSubject::default();
+        let result = self.list_events_inner(&ctx, &m, &mut subject).await;
         let input = input_summary(
             &[
                 ("correlation_id", &m.correlation_id),
@@ -520,7 +563,8 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(&ctx, "ListFlowEvents", input, result).await
+        self.respond(&ctx, "ListFlowEvents", input, subject, result)
+            .await
     }
 
     async fn list_databases(
@@ -537,7 +581,14 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(&ctx, "ListDatabases", input, result).await
+        self.respond(
+            &ctx,
+            "ListDatabases",
+            input,
+            RefusalSubject::default(),
+            result,
+        )
+        .await
     }
 }
 

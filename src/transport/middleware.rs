@@ -194,7 +194,14 @@ where
                     );
                     tracing::info!(code = "INVALID_ARGUMENT", "refused: {err}");
                     audit
-                        .refusal(&correlation_id, None, &method, &err, serde_json::Value::Null)
+                        .refusal(
+                            &correlation_id,
+                            None,
+                            &method,
+                            &err,
+                            serde_json::Value::Null,
+                            Default::default(),
+                        )
                         .await;
                     return Ok(error_response(&err, &correlation_id));
                 }
@@ -209,7 +216,14 @@ where
                     Err(err) => {
                         tracing::info!(code = "UNAUTHENTICATED", "refused: {err}");
                         audit
-                            .refusal(&correlation_id, None, &method, &err, serde_json::Value::Null)
+                            .refusal(
+                            &correlation_id,
+                            None,
+                            &method,
+                            &err,
+                            serde_json::Value::Null,
+                            Default::default(),
+                        )
                             .await;
                         return Ok(error_response(&err, &correlation_id));
                     }

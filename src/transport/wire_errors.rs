@@ -119,6 +119,7 @@ where
                     &method,
                     &err,
                     serde_json::Value::Null,
+                    Default::default(),
                 )
                 .await;
             Ok(err.to_status(&correlation_id).into_http::<Body>())
