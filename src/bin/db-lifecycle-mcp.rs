@@ -1,12 +1,12 @@
 //! `db-lifecycle-mcp`: the MCP bridge sidecar. Speaks MCP to agents (stdio or
 //! streamable HTTP) and forwards every tool call to the db-lifecycle gRPC service.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use db_lifecycle::mcp::{
     BridgeSettings, Credentials, LifecycleBridge, SecretToken, ToolNaming,
-    forward::{ForwardTimeouts, ServiceClient},
+    forward::{ForwardTimeouts, ServiceClient, ServiceTls},
     http::{self, HttpOptions, MCP_PATH},
 };
 use rmcp::ServiceExt;
@@ -27,6 +27,18 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     service_url: String,
+    /// CA certificates (PEM) to verify an https:// service with; default: the system's.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_SERVICE_CA_FILE")]
+    service_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a service with mutual TLS; with --client-key-file.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_CLIENT_CERT_FILE")]
+    client_cert_file: Option<PathBuf>,
+    /// Key (PEM) of --client-cert-file.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_CLIENT_KEY_FILE")]
+    client_key_file: Option<PathBuf>,
+    /// Name the service's certificate must carry, when it is not the URL's host.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_SERVICE_TLS_NAME")]
+    service_tls_name: Option<String>,
     /// stdio: one local agent starts the bridge as a child process. http: streamable
     /// HTTP at /mcp, each request's bearer token forwarded.
     #[arg(
@@ -185,6 +197,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ForwardTimeouts {
             connect: cli.connect_timeout,
             request: cli.request_timeout,
+        },
+        &ServiceTls {
+            ca_file: cli.service_ca_file.clone(),
+            client_cert_file: cli.client_cert_file.clone(),
+            client_key_file: cli.client_key_file.clone(),
+            domain: cli.service_tls_name.clone(),
         },
     )?;
     let shutdown = shutdown_on_signal();

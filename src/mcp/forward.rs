@@ -5,12 +5,12 @@
 //! Every call carries the agent's bearer token and a correlation id the bridge
 //! generates, so even a call that never reached the service has an id to quote.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use tonic::{
     Code, Request, Status,
     metadata::{AsciiMetadataValue, MetadataMap},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::{
@@ -26,6 +26,68 @@ use crate::{
 pub enum ForwardSetupError {
     #[error("service URL `{url}` is not usable: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{option}: {reason}")]
+    BadTls {
+        option: &'static str,
+        reason: String,
+    },
+}
+
+/// TLS to the service, for an `https://` service URL (a service with `[tls]`).
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTls {
+    /// PEM CA certificates to trust; unset: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), when the service requires mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
+    /// Name to verify the service's certificate against, when it differs from the
+    /// URL's host (e.g. connecting by IP).
+    pub domain: Option<String>,
+}
+
+impl ServiceTls {
+    fn is_configured(&self) -> bool {
+        self.ca_file.is_some()
+            || self.client_cert_file.is_some()
+            || self.client_key_file.is_some()
+            || self.domain.is_some()
+    }
+
+    fn client_config(&self) -> Result<ClientTlsConfig, ForwardSetupError> {
+        let read = |option: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| ForwardSetupError::BadTls {
+                option,
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_file {
+            Some(path) => {
+                config.ca_certificate(Certificate::from_pem(read("--service-ca-file", path)?))
+            }
+            None => config.with_native_roots(),
+        };
+        match (&self.client_cert_file, &self.client_key_file) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("--client-cert-file", cert)?,
+                    read("--client-key-file", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ForwardSetupError::BadTls {
+                    option: "--client-cert-file",
+                    reason: "--client-cert-file and --client-key-file go together".into(),
+                });
+            }
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
 }
 
 /// Timeouts for talking to the service.
@@ -67,23 +129,35 @@ pub fn new_correlation_id() -> String {
 }
 
 impl ServiceClient {
-    pub fn new(url: &str, timeouts: ForwardTimeouts) -> Result<Self, ForwardSetupError> {
+    pub fn new(
+        url: &str,
+        timeouts: ForwardTimeouts,
+        tls: &ServiceTls,
+    ) -> Result<Self, ForwardSetupError> {
         let bad = |reason: String| ForwardSetupError::BadUrl {
             url: url.to_string(),
             reason,
         };
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        if parsed.scheme() != "http" {
-            // This build talks plaintext gRPC to a service beside it (same pod or host).
-            return Err(bad(
-                "only http:// is supported (the service runs beside the bridge)".into(),
-            ));
-        }
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(timeouts.connect)
             .timeout(timeouts.request)
             .tcp_nodelay(true);
+        match parsed.scheme() {
+            "http" if tls.is_configured() => {
+                return Err(bad(
+                    "TLS options are set but the URL is http://; use https://".into(),
+                ));
+            }
+            "http" => {}
+            "https" => {
+                endpoint = endpoint
+                    .tls_config(tls.client_config()?)
+                    .map_err(|e| bad(crate::error::error_chain(&e)))?;
+            }
+            other => return Err(bad(format!("scheme `{other}`: use http:// or https://"))),
+        }
         Ok(Self {
             channel: endpoint.connect_lazy(),
             url: url.to_string(),
@@ -130,6 +204,31 @@ impl ServiceClient {
                 correlation_id,
                 origin: FailureSource::Service,
             },
+            // The connection failed under the call (a TLS alert after the handshake,
+            // such as a refused client certificate; a reset): the service is
+            // unavailable to this bridge. The request may have been sent, but creates
+            // and deletes are idempotent, so a retry is safe.
+            None if matches!(status.code(), Code::Unknown | Code::Cancelled)
+                && std::error::Error::source(&status)
+                    .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+            {
+                let tls_hint = if self.url.starts_with("https://") {
+                    "; with TLS, check --service-ca-file, --service-tls-name and the client \
+                     certificate the service may require"
+                } else {
+                    ""
+                };
+                ToolFailure::new(
+                    Code::Unavailable,
+                    format!(
+                        "service unavailable: the connection to the db-lifecycle service at {} \
+                         failed ({}){tls_hint}; check with describe or request_status, then retry",
+                        self.url,
+                        crate::error::error_chain(&status)
+                    ),
+                    sent_correlation_id,
+                )
+            }
             None => {
                 let message = match status.code() {
                     Code::Unavailable => format!(
