@@ -8,6 +8,10 @@ pub enum ServiceError {
     MissingToken,
     #[error("invalid or expired bearer token")]
     InvalidToken,
+    /// Several `authorization` headers: which one a proxy or the server would pick
+    /// is not something a caller should rely on, so none is used.
+    #[error("more than one authorization header; send exactly one `authorization: Bearer <token>`")]
+    AmbiguousToken,
     /// A bearer token shaped like a run token (JWT) that was refused; the reason
     /// never contains the token.
     #[error("invalid run token: {reason}")]
@@ -86,7 +90,9 @@ impl ServiceError {
     pub fn code(&self) -> Code {
         use ServiceError::*;
         match self {
-            MissingToken | InvalidToken | InvalidRunToken { .. } => Code::Unauthenticated,
+            MissingToken | InvalidToken | AmbiguousToken | InvalidRunToken { .. } => {
+                Code::Unauthenticated
+            }
             InvalidField { .. } => Code::InvalidArgument,
             EnvironmentNotAllowed { .. }
             | ProtectedDatabase { .. }

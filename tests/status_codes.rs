@@ -97,6 +97,27 @@ async fn unauthenticated_without_token_with_garbage_token_or_wrong_scheme() {
         .await;
     let (s, _) = refused(&server, r, Code::Unauthenticated).await;
     assert_eq!(status_correlation_id(&s), cid);
+
+    // Two authorization headers, even a valid token first: neither is used.
+    let agent = server.as_(&AGENT_A).await;
+    let mut request = agent.request(CreateDatabaseRequest {
+        environment: "dev".into(),
+        database_name: name.clone(),
+        ..Default::default()
+    });
+    request.metadata_mut().append(
+        "authorization",
+        "Bearer tok-owner-a-0123456789".parse().unwrap(),
+    );
+    let mut c = agent.client.clone();
+    let (s, row) = refused(&server, c.create(request).await, Code::Unauthenticated).await;
+    assert!(
+        s.message().contains("more than one authorization header"),
+        "{}",
+        s.message()
+    );
+    assert_eq!(row.actor_id, "");
+
     assert_eq!(request_count(&server).await, 0);
     assert!(!db_exists(&name).await);
 }

@@ -35,21 +35,26 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
 }
 
-/// Refuse requests without a bearer token before they reach the MCP layer.
+/// Refuse requests without exactly one bearer token before they reach the MCP layer
+/// (with several, which one counts would depend on who reads them).
 async fn require_bearer(request: Request, next: Next) -> Response {
-    let has_token = request
-        .headers()
-        .get(header::AUTHORIZATION)
+    let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
+    let first = values.next();
+    let refusal = if values.next().is_some() {
+        "more than one Authorization header: send exactly one `Authorization: Bearer <token>`\n"
+    } else if first
         .and_then(|v| v.to_str().ok())
         .and_then(SecretToken::from_authorization_header)
-        .is_some();
-    if has_token {
+        .is_some()
+    {
         return next.run(request).await;
-    }
+    } else {
+        "missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`\n"
+    };
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
-        "missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`\n",
+        refusal,
     )
         .into_response()
 }

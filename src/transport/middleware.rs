@@ -81,9 +81,11 @@ impl Authenticator {
     }
 
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, ServiceError> {
-        let value = headers
-            .get(http::header::AUTHORIZATION)
-            .ok_or(ServiceError::MissingToken)?;
+        let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
+        let value = values.next().ok_or(ServiceError::MissingToken)?;
+        if values.next().is_some() {
+            return Err(ServiceError::AmbiguousToken);
+        }
         let value = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
         let (scheme, token) = value
             .trim()

@@ -135,7 +135,7 @@ async def test_stopped_service_is_unavailable_and_the_bridge_recovers(
         assert recovered["status"] == "described"
 
 
-async def test_http_requires_a_bearer_token(http_bridge) -> None:
+async def test_http_requires_a_bearer_token(http_bridge, service: Service) -> None:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     async with httpx2.AsyncClient() as http:
@@ -143,7 +143,16 @@ async def test_http_requires_a_bearer_token(http_bridge) -> None:
         wrong_scheme = await http.post(
             http_bridge.url, json=body, headers={**headers, "Authorization": "Basic dXNlcjpwYXNz"}
         )
+        # Two Authorization headers (a valid token among them): neither is used.
+        token = service.tokens["requester"]
+        doubled = await http.post(
+            http_bridge.url,
+            json=body,
+            headers=httpx2.Headers([*headers.items(), ("Authorization", f"Bearer {token}"), ("Authorization", "Bearer x")]),
+        )
         health = await http.get(http_bridge.url.replace("/mcp", "/healthz"))
+    assert doubled.status_code == 401 and "more than one" in doubled.text
+    assert token not in doubled.text
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
     assert wrong_scheme.status_code == 401
