@@ -365,7 +365,17 @@ token_sha256 = "{admin_h}"
             "metadata_url": cluster.url("db_lifecycle_meta"),
             "pg_port": cluster.port(),
         });
-        std::fs::write(&path, serde_json::to_vec_pretty(&state)?)?;
+        // Tokens and the superuser password: readable by this user only.
+        use anyhow::Context;
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(&state)?))
+            .with_context(|| format!("writing the state file {}", path.display()))?;
     }
     println!(
         r#"

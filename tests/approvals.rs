@@ -931,6 +931,33 @@ async fn list_databases_lists_only_the_projects_own_databases() {
     let mut all = names(&p1);
     all.extend(names(&p2));
     assert_eq!(all, BTreeSet::from([a1, a2, a3]));
+
+    // Forged tokens (hex of `d:` and something this RPC never wrote, a NUL byte
+    // included) are INVALID_ARGUMENT, never an internal error.
+    for forged in [
+        "643a00",
+        "643a",
+        "643a6e6f736c617368",
+        "643a2f78",
+        "643a782f",
+    ] {
+        let s = expect_code(
+            list_databases(
+                &agent,
+                ListDatabasesRequest {
+                    page_token: forged.into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+            Code::InvalidArgument,
+        );
+        assert!(
+            s.message().contains("page_token"),
+            "{forged}: {}",
+            s.message()
+        );
+    }
 }
 
 #[tokio::test]

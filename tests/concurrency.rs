@@ -685,3 +685,70 @@ async fn three_replicas_apply_every_request_exactly_once() {
     }
     assert_ownership_invariant(&first, &names).await;
 }
+
+/// Describes racing creates and deletes of the same name (approval mode `none`): every
+/// describe gets an answer — OK, or a code of design §5 — and each OK describe is
+/// audited; none is cut off (a database dropped between the catalog reads used to
+/// abort the call).
+#[tokio::test]
+async fn describes_racing_creates_and_deletes_always_answer_and_are_audited() {
+    let server = TestServer::start_with(Options {
+        extra_toml: "[approval]\ncreate = \"none\"\ndelete = \"none\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let name = unique("churn");
+    let agent = server.as_(&AGENT_A).await;
+    let churn = {
+        let agent = agent.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            for _ in 0..25 {
+                let _ = agent.create("dev", &name).await;
+                let _ = agent.delete("dev", &name, true).await;
+            }
+        })
+    };
+    let mut describers = Vec::new();
+    for _ in 0..3 {
+        let agent = agent.clone();
+        let name = name.clone();
+        describers.push(tokio::spawn(async move {
+            let mut ok = 0i64;
+            for _ in 0..80 {
+                match agent.describe("dev", &name).await {
+                    Ok(_) => ok += 1,
+                    Err(s) => assert!(
+                        matches!(s.code(), Code::Unavailable | Code::FailedPrecondition),
+                        "describe cut off or failed: {:?} {}",
+                        s.code(),
+                        s.message()
+                    ),
+                }
+            }
+            ok
+        }));
+    }
+    churn.await.unwrap();
+    let mut answered = 0;
+    for d in describers {
+        answered += d.await.unwrap();
+    }
+    let audited: i64 = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT count(*) FROM flow_events WHERE event_type = 'database.described' \
+             AND database_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audited, answered, "every OK describe is audited once");
+    assert!(
+        !server.log().contains("panicked"),
+        "a handler panicked:\n{}",
+        server.log()
+    );
+}

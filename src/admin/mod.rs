@@ -136,13 +136,14 @@ impl AdminClient {
             return Ok(None);
         };
         let oid: u32 = row.get("oid");
-        // Size is separate: it can fail if the database is dropped mid-query.
+        // Size is separate: it fails, or is NULL, if the database was dropped since the
+        // query above (a concurrent delete); -1 then, as for any size not known.
         let size_bytes = c
             .query_opt("SELECT pg_database_size($1::oid)", &[&oid])
             .await
             .ok()
             .flatten()
-            .map(|r| r.get::<_, i64>(0))
+            .and_then(|r| r.get::<_, Option<i64>>(0))
             .unwrap_or(-1);
         Ok(Some(DatabaseFacts {
             owner_role: row.get("owner_role"),

@@ -163,8 +163,7 @@ pub fn judge(
                 .content
                 .as_ref()
                 .and_then(|c| c.get(TYPED_NAME_FIELD))
-                .and_then(|v| v.as_str())
-                .map(str::trim);
+                .and_then(|v| v.as_str());
             match typed {
                 Some(typed) if typed == database_name => Ok(()),
                 Some(typed) => stop(format!(

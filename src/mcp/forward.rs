@@ -208,23 +208,25 @@ impl ServiceClient {
             // such as a refused client certificate; a reset): the service is
             // unavailable to this bridge. The request may have been sent, but creates
             // and deletes are idempotent, so a retry is safe.
-            None if matches!(status.code(), Code::Unknown | Code::Cancelled)
-                && std::error::Error::source(&status)
-                    .is_some_and(|e| e.is::<tonic::transport::Error>()) =>
+            // (A request timeout is a CANCELLED status without a source.)
+            None if !matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+                && std::error::Error::source(&status).is_some() =>
             {
+                let cause = std::error::Error::source(&status)
+                    .map(crate::error::error_chain)
+                    .unwrap_or_default();
                 let tls_hint = if self.url.starts_with("https://") {
                     "; with TLS, check --service-ca-file, --service-tls-name and the client \
                      certificate the service may require"
                 } else {
-                    ""
+                    "; if the service serves TLS, use an https:// service URL"
                 };
                 ToolFailure::new(
                     Code::Unavailable,
                     format!(
                         "service unavailable: the connection to the db-lifecycle service at {} \
-                         failed ({}){tls_hint}; check with describe or request_status, then retry",
+                         failed ({cause}){tls_hint}; check with describe or request_status, then retry",
                         self.url,
-                        crate::error::error_chain(&status)
                     ),
                     sent_correlation_id,
                 )

@@ -378,7 +378,22 @@ impl LifecycleService {
             "" => None,
             e => Some(self.policy.environment(e)?),
         };
-        let after = decode_token("d", &msg.page_token)?;
+        let after = decode_token("d", &msg.page_token)?
+            .map(|pos| {
+                // `target/name` as this RPC wrote it; anything else (NUL bytes, which
+                // PostgreSQL text cannot hold, included) was not made here.
+                let well_formed = pos.split_once('/').is_some_and(|(target, name)| {
+                    !target.is_empty()
+                        && target.len() <= 128
+                        && !name.is_empty()
+                        && name.len() <= 63
+                        && !pos.chars().any(char::is_control)
+                });
+                well_formed.then_some(pos).ok_or_else(|| {
+                    ServiceError::invalid("page_token", "not a token returned by this RPC")
+                })
+            })
+            .transpose()?;
         let rows = self
             .repo
             .list_databases(

@@ -208,6 +208,8 @@ def service(log_dir: Path) -> Service:
                 time.sleep(0.2)
         if state is None:
             raise AssertionError(f"db-lifecycle dev did not start; stderr:\n{proc.tail()}")
+        # It holds tokens and the superuser password: readable by its owner only.
+        assert state_file.stat().st_mode & 0o077 == 0, oct(state_file.stat().st_mode)
         wait_for_health(state["address"])
         yield Service(
             address=state["address"],

@@ -147,6 +147,15 @@ async def test_delete_stops_unless_the_person_confirms(
         assert confirmed["status"] == "approval_required"
 
 
+async def test_the_typed_name_must_match_exactly(connect, service: Service, protocol_mode: str) -> None:
+    name = unique_name()
+    async with connect(elicitation_callback=person(f"{name} "), mode=protocol_mode) as client:
+        await create_applied(client, service, name)
+        stopped = failed(await delete_unconfirmed(client, name), "FAILED_PRECONDITION")
+        assert "nothing was deleted" in stopped["message"]
+        assert (await describe(client, name))["exists"]
+
+
 async def test_no_person_is_asked_for_a_delete_the_service_would_refuse(connect, protocol_mode: str) -> None:
     asked: list[str] = []
     async with connect(elicitation_callback=person("x", asked=asked), mode=protocol_mode) as client:

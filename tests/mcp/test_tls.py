@@ -197,6 +197,18 @@ async def test_http_bridge_with_a_client_certificate_reaches_a_mutual_tls_servic
         bridge.process.stop()
 
 
+async def test_an_http_url_for_a_tls_service_is_unavailable_with_a_hint(
+    tls_service: MutualTlsService, service: Service
+) -> None:
+    plain = f"http://localhost:{tls_service.port}"
+    async with stdio_client(plain, service.tokens["requester"]) as client:
+        body = failed(
+            await lifecycle(client, action="describe", environment="dev", database_name=unique_name("tls")),
+            "UNAVAILABLE",
+        )
+        assert "https://" in body["message"], body
+
+
 @pytest.mark.parametrize("client", [None, "stranger"])
 async def test_without_a_valid_client_certificate_the_agent_gets_unavailable(
     tls_service: MutualTlsService, service: Service, client: str | None
@@ -208,6 +220,7 @@ async def test_without_a_valid_client_certificate_the_agent_gets_unavailable(
             "UNAVAILABLE",
         )
         assert token not in str(body)
+        assert "--service-ca-file" in body["message"] and "Status {" not in body["message"], body
         # The bridge is still there for the next call.
         failed(
             await lifecycle(mcp, action="describe", environment="dev", database_name=unique_name("tls")),
