@@ -255,6 +255,11 @@ async fn bad_run_tokens_are_unauthenticated_and_audited_without_the_token() {
             "issuer",
         ),
         (
+            "subject of a configured principal",
+            sign(&with(|c| c["sub"] = OWNER_A.id.into())),
+            "configured principal",
+        ),
+        (
             "wrong audience",
             sign(&with(|c| c["aud"] = "another-service".into())),
             "audience",

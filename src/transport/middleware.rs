@@ -106,11 +106,23 @@ impl Authenticator {
         }
         match &self.run_tokens {
             Some(verifier) if looks_like_jwt(token) => {
-                verifier
-                    .verify(token)
-                    .map_err(|e| ServiceError::InvalidRunToken {
-                        reason: e.to_string(),
-                    })
+                let principal =
+                    verifier
+                        .verify(token)
+                        .map_err(|e| ServiceError::InvalidRunToken {
+                            reason: e.to_string(),
+                        })?;
+                // A run must not pass for a configured principal (a person, say): the
+                // audit trail and the four-eyes rule go by principal id.
+                if self.by_digest.values().any(|p| p.id == principal.id) {
+                    return Err(ServiceError::InvalidRunToken {
+                        reason: format!(
+                            "subject `{}` is the id of a configured principal; run tokens need ids of their own",
+                            crate::policy::printable(&principal.id)
+                        ),
+                    });
+                }
+                Ok(principal)
             }
             _ => Err(ServiceError::InvalidToken),
         }
