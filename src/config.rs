@@ -163,6 +163,16 @@ struct FileConfig {
     fault_points: Vec<String>,
     run_tokens: Option<RunTokensFile>,
     tls: Option<TlsFile>,
+    #[serde(default)]
+    audit: AuditFile,
+}
+
+/// `[audit]`: how many refusals of calls without valid credentials are recorded.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    unauthenticated_refusals_per_second: Option<u32>,
+    unauthenticated_refusal_burst: Option<u32>,
 }
 
 /// `[run_tokens]`: short-lived HS256 JWTs minted per agent run (see docs/security.md).
@@ -257,6 +267,15 @@ pub struct Config {
     pub run_tokens: Option<RunTokenConfig>,
     /// TLS (and mutual TLS) for the gRPC listener (None = plaintext).
     pub tls: Option<TlsConfig>,
+    /// Budget for recording refusals of unauthenticated calls (anyone can make them).
+    pub unauthenticated_audit: RefusalBudgetConfig,
+}
+
+/// A token bucket: `burst` rows at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalBudgetConfig {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// The HS256 signing secret of run tokens. Never printed.
@@ -766,6 +785,10 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         fault_points: file.fault_points.into_iter().collect(),
         run_tokens,
         tls,
+        unauthenticated_audit: RefusalBudgetConfig {
+            per_second: file.audit.unauthenticated_refusals_per_second.unwrap_or(20),
+            burst: file.audit.unauthenticated_refusal_burst.unwrap_or(100),
+        },
     })
 }
 

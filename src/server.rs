@@ -77,7 +77,7 @@ pub async fn run(
     let admin =
         AdminClient::new(&config.targets, config.admin_pool_size).map_err(anyhow::Error::msg)?;
     let policy = Arc::new(Policy::new(config.clone()).map_err(anyhow::Error::msg)?);
-    let audit = Audit::new(repo.clone());
+    let audit = Audit::new(repo.clone(), config.unauthenticated_audit);
     let ownership = Ownerships::new(repo.clone(), admin.clone());
     let approvals = Approvals::new(
         repo.clone(),

@@ -319,14 +319,14 @@ async fn named_cases_four_eyes_scope_and_approval_modes() {
     // A requester that also holds the owner role cannot approve its own request —
     // not from another run (another run id, same subject) and not as a static token.
     let max = run_token(
-        "max",
+        "maxine",
         "human",
         &["alpha"],
         &["requester", "owner"],
         Some("run-a"),
     );
     let max_again = run_token(
-        "max",
+        "maxine",
         "human",
         &["alpha"],
         &["requester", "owner"],

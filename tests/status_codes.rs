@@ -81,7 +81,9 @@ async fn unauthenticated_without_token_with_garbage_token_or_wrong_scheme() {
         )
         .await;
     }
-    // A caller's correlation id is echoed even on an unauthenticated call.
+    // An unauthenticated caller's correlation id is not adopted (it could name another
+    // call's trail): the refusal gets the service's own id, which the response
+    // carries, and the claimed one is noted in the row.
     let caller = server.with_auth(Some("Bearer nope")).await;
     let cid = format!("unauth-{}", unique("c"));
     let mut c = caller.client.clone();
@@ -95,8 +97,10 @@ async fn unauthenticated_without_token_with_garbage_token_or_wrong_scheme() {
             &cid,
         ))
         .await;
-    let (s, _) = refused(&server, r, Code::Unauthenticated).await;
-    assert_eq!(status_correlation_id(&s), cid);
+    let (s, row) = refused(&server, r, Code::Unauthenticated).await;
+    assert_ne!(status_correlation_id(&s), cid);
+    assert!(row.payload.contains(&cid), "{}", row.payload);
+    assert!(refusal_rows(&server, &cid).await.is_empty());
 
     // Two authorization headers, even a valid token first: neither is used.
     let agent = server.as_(&AGENT_A).await;
@@ -120,6 +124,37 @@ async fn unauthenticated_without_token_with_garbage_token_or_wrong_scheme() {
 
     assert_eq!(request_count(&server).await, 0);
     assert!(!db_exists(&name).await);
+}
+
+/// Anyone can send calls without credentials: their refusals are recorded within a
+/// budget (here 5 rows and no refill), every call is still refused, and calls with
+/// credentials are recorded as always.
+#[tokio::test]
+async fn refusals_of_unauthenticated_calls_are_recorded_within_a_budget() {
+    let server = TestServer::start_with(Options {
+        extra_toml:
+            "[audit]\nunauthenticated_refusals_per_second = 0\nunauthenticated_refusal_burst = 5\n"
+                .into(),
+        ..Default::default()
+    })
+    .await;
+    let before = refusal_count(&server).await;
+    let stranger = server.with_auth(Some("Bearer nope")).await;
+    for _ in 0..12 {
+        expect_code(
+            stranger.describe("dev", &unique("flood")).await,
+            Code::Unauthenticated,
+        );
+    }
+    assert_eq!(refusal_count(&server).await - before, 5);
+    let agent = server.as_(&AGENT_A).await;
+    let (s, _) = refused(
+        &server,
+        agent.create("nowhere", &unique("flood")).await,
+        Code::PermissionDenied,
+    )
+    .await;
+    assert!(s.message().contains("environment"), "{}", s.message());
 }
 
 // ---------- INVALID_ARGUMENT ----------

@@ -1,12 +1,17 @@
 //! Audit trail (R8): builds `flow_events` and `links` rows. Payloads carry only
 //! validated or escaped input, never tokens or connection URLs.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
+    config::RefusalBudgetConfig,
     domain::{ApprovalRequest, CallContext, Principal},
     error::ServiceError,
     repository::{NewEvent, Repository},
@@ -40,6 +45,45 @@ impl RefusalSubject {
 #[derive(Clone)]
 pub struct Audit {
     repo: Repository,
+    unauthenticated: Arc<Mutex<RefusalBudget>>,
+}
+
+/// Anyone can make calls without valid credentials, so their refusals are recorded
+/// within a budget (a token bucket) and not one row per call: a flood cannot fill
+/// the metadata database. The next row recorded says how many were left out.
+#[derive(Debug)]
+struct RefusalBudget {
+    config: RefusalBudgetConfig,
+    tokens: f64,
+    refilled: Instant,
+    left_out: u64,
+}
+
+impl RefusalBudget {
+    fn new(config: RefusalBudgetConfig) -> Self {
+        Self {
+            config,
+            tokens: f64::from(config.burst),
+            refilled: Instant::now(),
+            left_out: 0,
+        }
+    }
+
+    /// Take one row from the budget: `Some(rows left out before it)`, or None.
+    fn take(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * f64::from(self.config.per_second))
+            .min(f64::from(self.config.burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.left_out))
+        } else {
+            self.left_out += 1;
+            None
+        }
+    }
 }
 
 tokio::task_local! {
@@ -65,8 +109,11 @@ fn caller_run_id(actor_id: &str) -> Option<String> {
 }
 
 impl Audit {
-    pub fn new(repo: Repository) -> Self {
-        Self { repo }
+    pub fn new(repo: Repository, unauthenticated: RefusalBudgetConfig) -> Self {
+        Self {
+            repo,
+            unauthenticated: Arc::new(Mutex::new(RefusalBudget::new(unauthenticated))),
+        }
     }
 
     /// An `ok` event for a call, with actor and correlation id filled in.
@@ -143,6 +190,25 @@ impl Audit {
         input: Value,
         subject: RefusalSubject,
     ) {
+        let mut payload = serde_json::json!({ "rpc": rpc, "input": input });
+        if principal.is_none() {
+            let budget = self
+                .unauthenticated
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            match budget {
+                None => return,
+                Some(0) => {}
+                Some(left_out) => {
+                    tracing::warn!(
+                        left_out,
+                        "refusals of unauthenticated calls over the audit budget were not recorded"
+                    );
+                    payload["unrecorded_before"] = left_out.into();
+                }
+            }
+        }
         let ev = NewEvent {
             correlation_id: correlation_id.to_string(),
             request_id: subject.request_id,
@@ -163,11 +229,35 @@ impl Audit {
             },
             status_code: crate::error::code_name(err.code()).to_string(),
             message: err.to_string(),
-            payload: serde_json::json!({ "rpc": rpc, "input": input }),
+            payload,
             run_id: principal.and_then(|p| p.run_id.clone()),
         };
         if let Err(e) = self.repo.insert_event(&ev).await {
             tracing::warn!(rpc, error = %e, refusal = %err, "could not record refusal in flow_events");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_budget_counts_what_it_leaves_out() {
+        let mut budget = RefusalBudget::new(RefusalBudgetConfig {
+            per_second: 0,
+            burst: 2,
+        });
+        assert_eq!(budget.take(), Some(0));
+        assert_eq!(budget.take(), Some(0));
+        assert_eq!(budget.take(), None);
+        assert_eq!(budget.take(), None);
+        budget.tokens = 1.0;
+        assert_eq!(
+            budget.take(),
+            Some(2),
+            "the next row says two were left out"
+        );
+        assert_eq!(budget.take(), None);
     }
 }

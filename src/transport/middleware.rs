@@ -189,10 +189,15 @@ where
                 .headers()
                 .get(CORRELATION_HEADER)
                 .map(|v| v.to_str().unwrap_or("").to_string());
-            let (correlation_id, bad_correlation) = match supplied {
-                Some(id) if valid_correlation_id(&id) => (id, false),
-                Some(_) => (new_correlation_id(), true),
-                None => (new_correlation_id(), false),
+            let authenticated = auth.authenticate(req.headers());
+            // A caller's own id is adopted only once it has proved who it is: an
+            // unauthenticated call must not write into another call's audit trail.
+            // Its refusal gets an id of the service's, and the claimed one is noted.
+            let (correlation_id, bad_correlation, claimed) = match supplied {
+                Some(id) if !valid_correlation_id(&id) => (new_correlation_id(), true, None),
+                Some(id) if authenticated.is_err() => (new_correlation_id(), false, Some(id)),
+                Some(id) => (id, false, None),
+                None => (new_correlation_id(), false, None),
             };
             let span = tracing::info_span!(
                 "rpc",
@@ -219,7 +224,7 @@ where
                         .await;
                     return Ok(error_response(&err, &correlation_id));
                 }
-                let principal = match auth.authenticate(req.headers()) {
+                let principal = match authenticated {
                     Ok(p) => {
                         if let Some(run) = &p.run_id {
                             tracing::Span::current()
@@ -229,15 +234,19 @@ where
                     }
                     Err(err) => {
                         tracing::info!(code = "UNAUTHENTICATED", "refused: {err}");
+                        let input = match &claimed {
+                            Some(id) => serde_json::json!({ "claimed_correlation_id": id }),
+                            None => serde_json::Value::Null,
+                        };
                         audit
                             .refusal(
-                            &correlation_id,
-                            None,
-                            &method,
-                            &err,
-                            serde_json::Value::Null,
-                            Default::default(),
-                        )
+                                &correlation_id,
+                                None,
+                                &method,
+                                &err,
+                                input,
+                                Default::default(),
+                            )
                             .await;
                         return Ok(error_response(&err, &correlation_id));
                     }
