@@ -147,6 +147,7 @@ struct FileConfig {
     migrate_on_start: Option<bool>,
     admin_pool_size: Option<usize>,
     metadata_pool_size: Option<usize>,
+    max_connections: Option<usize>,
     #[serde(default)]
     names: NamesFile,
     #[serde(default)]
@@ -254,6 +255,8 @@ pub struct Config {
     pub migrate_on_start: bool,
     pub admin_pool_size: usize,
     pub metadata_pool_size: usize,
+    /// Open gRPC connections accepted at once (more are closed on accept).
+    pub max_connections: usize,
     pub names: NameRulesConfig,
     /// Configured extra protected names (the built-in ones are added by policy).
     pub protected_databases: Vec<String>,
@@ -756,6 +759,7 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     for (key, size) in [
         ("admin_pool_size", file.admin_pool_size),
         ("metadata_pool_size", file.metadata_pool_size),
+        ("max_connections", file.max_connections),
     ] {
         if size == Some(0) {
             return Err(invalid(key, "must be at least 1"));
@@ -776,6 +780,7 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         migrate_on_start: file.migrate_on_start.unwrap_or(true),
         admin_pool_size: file.admin_pool_size.unwrap_or(8),
         metadata_pool_size: file.metadata_pool_size.unwrap_or(24),
+        max_connections: file.max_connections.unwrap_or(512),
         names,
         protected_databases: file.protected_databases,
         targets,

@@ -6,7 +6,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::oneshot;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -21,6 +21,7 @@ use crate::{
     repository::{Repository, migrate::migrate},
     transport::{
         grpc::LifecycleService,
+        incoming::{FIRST_BYTES_TIMEOUT, guarded_incoming},
         middleware::{Authenticator, Guarded},
         tls,
         wire_errors::WireErrors,
@@ -217,7 +218,11 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    let mut builder = Server::builder();
+    // Keepalive pings find peers that went away without closing (a node lost, a
+    // NAT entry dropped), so their connections do not hold slots forever.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls_config) = tls_config {
         builder = builder.tls_config(tls_config)?;
     }
@@ -226,7 +231,10 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(guarded)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop_signal);
+        .serve_with_incoming_shutdown(
+            guarded_incoming(listener, config.max_connections, FIRST_BYTES_TIMEOUT),
+            stop_signal,
+        );
     // In-flight calls get `shutdown_grace` to finish; a client that keeps an idle
     // connection open must not hold the process forever.
     let grace = config.shutdown_grace;

@@ -804,3 +804,82 @@ async fn malformed_protobuf_is_refused() {
         .await
         .unwrap();
 }
+
+/// Clients that connect and send nothing: at most `max_connections` are held, a
+/// connection over the cap is closed at once, silent ones are closed after the
+/// first-bytes timeout, and the service then serves again by itself.
+#[tokio::test]
+async fn silent_connections_are_capped_and_closed() {
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::start_with(Options {
+        extra_toml: "max_connections = 3\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = server.addr.clone();
+    let name = unique("silent");
+    // Ok(answer), or Err(true) when the call never reached the service (the
+    // connection was closed: a connect error, or a status without correlation id).
+    let describe = || async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|_| true)?;
+        let mut client =
+            db_lifecycle::proto::database_lifecycle_client::DatabaseLifecycleClient::new(channel);
+        let mut request = tonic::Request::new(db_lifecycle::proto::DescribeDatabaseRequest {
+            environment: "dev".into(),
+            database_name: name.clone(),
+            ..Default::default()
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", AGENT_A.token).parse().unwrap(),
+        );
+        client
+            .describe(request)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.metadata().get("x-correlation-id").is_none())
+    };
+    // Silent connections fill the slots (the harness's own may still hold one for a
+    // moment); once they do, a new client's connection is closed at once and its
+    // call fails without reaching the service (no correlation id).
+    let mut silent = Vec::new();
+    let mut refused = false;
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        if describe().await == Err(true) {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a fourth connection was served");
+    assert!(server.log().contains("too many open connections"));
+    // The silent ones are closed by the service (EOF or reset), without a restart.
+    // (The service speaks first, its HTTP/2 settings; read past them to the end.)
+    for mut conn in silent {
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = conn.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a silent connection was never closed");
+    }
+    let mut served = None;
+    for _ in 0..60 {
+        match describe().await {
+            Ok(r) => {
+                served = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
+    assert!(!served.expect("not served again").exists);
+}

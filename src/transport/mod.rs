@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod grpc;
+pub mod incoming;
 pub mod middleware;
 pub mod run_tokens;
 pub mod tls;
