@@ -1,16 +1,21 @@
 //! Streamable HTTP transport at `/mcp`, for the bridge as a sidecar in a pod.
 //!
-//! Each HTTP request must carry `Authorization: Bearer <token>` (else 401); that
+//! Each HTTP request must carry exactly one `Authorization: Bearer <token>` (else
+//! 401), and an MCP session is used only with the token that opened it (else 404); that
 //! token, not any token of the bridge, is what the service sees for the calls the
 //! request makes. Host (and optionally Origin) validation and the request body limit
 //! are enforced by the SDK's service.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use axum::{
     Router,
-    extract::Request,
-    http::{StatusCode, header},
+    extract::{Request, State},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
@@ -35,28 +40,117 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
 }
 
+/// The MCP session header (streamable HTTP).
+const SESSION_HEADER: &str = "mcp-session-id";
+/// Sessions remembered at once; the oldest are forgotten beyond it (their clients
+/// get 404 and initialize again, as the protocol expects).
+const MAX_TRACKED_SESSIONS: usize = 10_000;
+
+/// Which token opened each MCP session (SHA-256 of it), so that a session is used,
+/// and ended, only with the token that opened it.
+#[derive(Default)]
+struct SessionOwners {
+    owners: HashMap<String, [u8; 32]>,
+    order: VecDeque<String>,
+}
+
+impl SessionOwners {
+    fn insert(&mut self, session: String, owner: [u8; 32]) {
+        if self.owners.insert(session.clone(), owner).is_none() {
+            self.order.push_back(session);
+        }
+        while self.order.len() > MAX_TRACKED_SESSIONS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.owners.remove(&oldest);
+            }
+        }
+    }
+
+    fn remove(&mut self, session: &str) {
+        if self.owners.remove(session).is_some() {
+            self.order.retain(|s| s != session);
+        }
+    }
+}
+
+type SharedSessionOwners = Arc<Mutex<SessionOwners>>;
+
+fn token_digest(token: &SecretToken) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(token.expose().as_bytes()).into()
+}
+
+fn session_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// Refuse requests without exactly one bearer token before they reach the MCP layer
-/// (with several, which one counts would depend on who reads them).
-async fn require_bearer(request: Request, next: Next) -> Response {
+/// (with several, which one counts would depend on who reads them), and requests on
+/// a session that another token opened (404, as for a session that does not exist:
+/// whether it does is not revealed).
+async fn require_bearer(
+    State(sessions): State<SharedSessionOwners>,
+    request: Request,
+    next: Next,
+) -> Response {
     let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
     let first = values.next();
-    let refusal = if values.next().is_some() {
-        "more than one Authorization header: send exactly one `Authorization: Bearer <token>`\n"
-    } else if first
-        .and_then(|v| v.to_str().ok())
-        .and_then(SecretToken::from_authorization_header)
-        .is_some()
-    {
-        return next.run(request).await;
+    let token = if values.next().is_some() {
+        Err(
+            "more than one Authorization header: send exactly one `Authorization: Bearer <token>`\n",
+        )
     } else {
-        "missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`\n"
+        first
+            .and_then(|v| v.to_str().ok())
+            .and_then(SecretToken::from_authorization_header)
+            .ok_or("missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`\n")
     };
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Bearer")],
-        refusal,
-    )
-        .into_response()
+    let token = match token {
+        Ok(token) => token,
+        Err(refusal) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                refusal,
+            )
+                .into_response();
+        }
+    };
+    let digest = token_digest(&token);
+    let session = session_id(request.headers());
+    if let Some(session) = &session {
+        let owner = sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .owners
+            .get(session)
+            .copied();
+        if owner != Some(digest) {
+            return (
+                StatusCode::NOT_FOUND,
+                "session not found: initialize a new session (with your own token)\n",
+            )
+                .into_response();
+        }
+    }
+    let ends_session = request.method() == Method::DELETE;
+    let response = next.run(request).await;
+    let mut owners = sessions.lock().unwrap_or_else(|e| e.into_inner());
+    match &session {
+        // A new session opened by this request: it belongs to this token.
+        None => {
+            if let Some(opened) = session_id(response.headers()) {
+                owners.insert(opened, digest);
+            }
+        }
+        Some(session) if ends_session && response.status().is_success() => owners.remove(session),
+        Some(_) => {}
+    }
+    drop(owners);
+    response
 }
 
 /// The HTTP application: `/mcp` (authenticated MCP) and `/healthz` (liveness).
@@ -81,7 +175,10 @@ pub fn router(
     );
     Router::new()
         .route_service(MCP_PATH, service)
-        .route_layer(middleware::from_fn(require_bearer))
+        .route_layer(middleware::from_fn_with_state(
+            SharedSessionOwners::default(),
+            require_bearer,
+        ))
         .route(HEALTH_PATH, get(|| async { "ok\n" }))
 }
 

@@ -229,3 +229,39 @@ def test_stdio_refuses_to_start_without_a_token(service: Service) -> None:
     assert result.returncode != 0
     assert "DB_LIFECYCLE_TOKEN" in result.stderr
     assert result.stdout == "", "stdout is the MCP channel: nothing else may be written there"
+
+
+async def test_http_sessions_belong_to_the_token_that_opened_them(http_bridge, service: Service) -> None:
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+    }
+    mine = {**headers, "Authorization": f"Bearer {service.tokens['requester']}"}
+    theirs = {**headers, "Authorization": f"Bearer {service.tokens['other_agent']}"}
+    tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+    async with httpx2.AsyncClient() as http:
+        opened = await http.post(http_bridge.url, json=initialize, headers=mine)
+        assert opened.status_code == 200, opened.text
+        session = opened.headers["mcp-session-id"]
+        initialized = await http.post(
+            http_bridge.url,
+            json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            headers={**mine, "mcp-session-id": session},
+        )
+        assert initialized.status_code == 202, initialized.text
+        # Another agent's token, or any bearer string, cannot use or end the session.
+        used = await http.post(http_bridge.url, json=tools, headers={**theirs, "mcp-session-id": session})
+        ended = await http.delete(
+            http_bridge.url, headers={**headers, "Authorization": "Bearer garbage", "mcp-session-id": session}
+        )
+        assert (used.status_code, ended.status_code) == (404, 404), (used.text, ended.text)
+        listed = await http.post(http_bridge.url, json=tools, headers={**mine, "mcp-session-id": session})
+        assert listed.status_code == 200 and "database.lifecycle" in listed.text, listed.text
+        # Its owner can end it; then it is gone.
+        closed = await http.delete(http_bridge.url, headers={**mine, "mcp-session-id": session})
+        assert closed.status_code in (200, 202, 204), closed.text
+        after = await http.post(http_bridge.url, json=tools, headers={**mine, "mcp-session-id": session})
+        assert after.status_code == 404
