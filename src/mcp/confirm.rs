@@ -199,7 +199,8 @@ mod tests {
     #[test]
     fn only_an_exact_typed_name_confirms() {
         assert!(judge(&accept("orders"), "orders", "c").is_ok());
-        assert!(judge(&accept(" orders "), "orders", "c").is_ok());
+        assert!(judge(&accept(" orders "), "orders", "c").is_err());
+        assert!(judge(&accept("orders "), "orders", "c").is_err());
         assert!(judge(&accept("Orders"), "orders", "c").is_err());
         assert!(judge(&accept("order"), "orders", "c").is_err());
         let declined = judge(
