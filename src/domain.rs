@@ -189,6 +189,13 @@ impl DatabaseName {
     pub(crate) fn new_checked(s: String) -> Self {
         Self(s)
     }
+    /// The name under which the apply of `request_id` creates its database before
+    /// renaming it into place. Tied to the request, so an interrupted apply finds its
+    /// own database again, and a database that appears under the requested name in
+    /// the meantime can never be mistaken for it. 44 bytes, within PostgreSQL's 63.
+    pub fn staging_for(request_id: uuid::Uuid) -> Self {
+        Self(format!("dbl_staging_{}", request_id.simple()))
+    }
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -242,12 +249,16 @@ pub struct Ownership {
 }
 
 impl Ownership {
-    /// Is the database now under this name the one the service created? False only
-    /// when both oids are known and differ (dropped and re-created outside).
+    /// Is the database now under this name the one the service created? An apply
+    /// records the oid before the database appears under its name, so a `creating`
+    /// row without one identifies no database: one already there was made by
+    /// someone else. Only `active` rows from before oids were recorded (migration
+    /// V2) are taken on trust. True when no database has the name.
     pub fn identifies(&self, current_oid: Option<u32>) -> bool {
         match (self.database_oid, current_oid) {
+            (_, None) => true,
             (Some(recorded), Some(current)) => recorded == i64::from(current),
-            _ => true,
+            (None, Some(_)) => self.state == "active",
         }
     }
 }

@@ -26,7 +26,8 @@ fn expected_intermediate(act: Act, point: &str) -> (bool, Option<&'static str>) 
     // (database exists, ownership row state)
     match (act, point) {
         (Act::Create, "after_claim") => (false, None),
-        (Act::Create, "after_intent") => (false, Some("creating")),
+        // Until the rename, the database exists only under its staging name.
+        (Act::Create, "after_intent" | "after_create") => (false, Some("creating")),
         (Act::Create, _) => (true, Some("creating")),
         (Act::Delete, "after_claim") => (true, Some("active")),
         (Act::Delete, "after_intent") => (true, Some("deleting")),
@@ -136,6 +137,13 @@ async fn crash_and_recover(act: Act, point: &str, mode_none: bool) {
     );
     let (exists, row_state) = expected_intermediate(act, point);
     assert_eq!(db_exists(&name).await, exists, "database at {point}");
+    if act == Act::Create {
+        assert_eq!(
+            db_exists(&staging_name(&request_id)).await,
+            point == "after_create",
+            "staging database at {point}"
+        );
+    }
     let rows = ownership_rows(&server, &name).await;
     assert_eq!(
         rows.first().map(|r| r.2.as_str()),
@@ -191,6 +199,10 @@ async fn crash_and_recover(act: Act, point: &str, mode_none: bool) {
         }
     }
     assert_ownership_consistent(&server, &[&name]).await;
+    assert!(
+        !db_exists(&staging_name(&request_id)).await,
+        "no staging database is left behind"
+    );
 
     // The caller sees the outcome; the service works on.
     let got = server
@@ -244,6 +256,11 @@ async fn create_crash_after_create_database_is_recovered() {
 }
 
 #[tokio::test]
+async fn create_crash_after_rename_is_recovered() {
+    crash_and_recover(Act::Create, "after_rename", false).await;
+}
+
+#[tokio::test]
 async fn create_crash_before_finalize_is_recovered() {
     crash_and_recover(Act::Create, "before_finalize", false).await;
 }
@@ -274,6 +291,106 @@ async fn delete_crash_after_drop_database_is_recovered() {
 #[tokio::test]
 async fn delete_crash_before_finalize_is_recovered() {
     crash_and_recover(Act::Delete, "before_finalize", false).await;
+}
+
+/// The name an apply creates its database under before renaming it into place.
+fn staging_name(request_id: &str) -> String {
+    db_lifecycle::domain::DatabaseName::staging_for(request_id.parse().unwrap())
+        .as_str()
+        .to_string()
+}
+
+/// A create is interrupted (crash at `point`, before the database is under its
+/// name) and meanwhile someone creates a database of that name by hand. Recovery
+/// must not adopt it: the request fails with ALREADY_EXISTS's reason, the hand-made
+/// database is untouched (same oid), no ownership row and no staging database stay.
+async fn hand_made_database_during_interrupted_create(point: &str) {
+    let name = unique(&format!("ft_adopt_{point}"));
+    let mut server = TestServer::start().await;
+    server.prepend_config(&format!("fault_points = [\"{point}\"]"));
+    server.restart(&Options::default()).await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let rid = agent.create("dev", &name).await.unwrap().request_id;
+    let rid2 = rid.clone();
+    let _hung = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log(&format!("fault point {point} reached"), FAULT_LIMIT)
+            .await
+    );
+    create_by_hand(&name).await;
+    let oid_of = |name: String| async move {
+        target()
+            .await
+            .query_one("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+            .await
+            .unwrap()
+            .get::<_, u32>(0)
+    };
+    let hand_made_oid = oid_of(name.clone()).await;
+    server.kill();
+    server.remove_config_key("fault_points");
+    server.restart(&Options::default()).await;
+
+    assert_eq!(
+        wait_final(&server, &rid, RECOVERY_LIMIT).await.as_deref(),
+        Some("failed"),
+        "log:\n{}",
+        server.log()
+    );
+    let reason: String = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT failure_reason FROM approval_requests WHERE id = $1::text::uuid",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("will not be adopted"), "{reason}");
+    assert_eq!(
+        oid_of(name.clone()).await,
+        hand_made_oid,
+        "the hand-made database is untouched"
+    );
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    assert!(
+        !db_exists(&staging_name(&rid)).await,
+        "staging database cleaned up"
+    );
+    assert_eq!(
+        request_event_count(&server, &rid, "request.applied").await,
+        0
+    );
+    assert_ownership_consistent(&server, &[]).await;
+
+    let described = server
+        .as_(&AGENT_A)
+        .await
+        .describe("dev", &name)
+        .await
+        .unwrap();
+    assert!(
+        described.exists && !described.owned_by_project,
+        "{described:?}"
+    );
+    expect_code(
+        server.as_(&AGENT_A).await.create("dev", &name).await,
+        Code::AlreadyExists,
+    );
+    drop_by_hand(&name).await;
+}
+
+#[tokio::test]
+async fn hand_made_database_after_intent_is_never_adopted() {
+    hand_made_database_during_interrupted_create("after_intent").await;
+}
+
+#[tokio::test]
+async fn hand_made_database_after_staging_create_is_never_adopted() {
+    hand_made_database_during_interrupted_create("after_create").await;
 }
 
 /// The audit of a delete resumed after the database was already dropped says so.

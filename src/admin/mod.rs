@@ -50,6 +50,13 @@ pub enum EnsureOutcome {
     AlreadyExisted,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameOutcome {
+    Renamed,
+    /// A database with the new name exists already.
+    NameTaken,
+}
+
 #[derive(Clone)]
 pub struct AdminClient {
     pools: BTreeMap<String, Pool>,
@@ -154,7 +161,8 @@ impl AdminClient {
         }))
     }
 
-    /// EnsureDatabase: CREATE DATABASE, treating "already exists" as success.
+    /// CREATE DATABASE, treating "already exists" as success (the apply creates under
+    /// a name of its own request, so an existing one is its own earlier attempt).
     pub async fn ensure_database(
         &self,
         target: &str,
@@ -167,6 +175,25 @@ impl AdminClient {
             Ok(()) => Ok(EnsureOutcome::Created),
             Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {
                 Ok(EnsureOutcome::AlreadyExisted)
+            }
+            Err(e) => Err(ServiceError::target(target, e)),
+        }
+    }
+
+    /// ALTER DATABASE ... RENAME TO: atomic, and refused by PostgreSQL when `to` is
+    /// taken, so the database keeps its identity (oid) and nothing is overwritten.
+    pub async fn rename_database(
+        &self,
+        target: &str,
+        from: &DatabaseName,
+        to: &DatabaseName,
+    ) -> Result<RenameOutcome, ServiceError> {
+        let c = self.client(target).await?;
+        let sql = format!("ALTER DATABASE {} RENAME TO {}", from.quoted(), to.quoted());
+        match c.batch_execute(&sql).await {
+            Ok(()) => Ok(RenameOutcome::Renamed),
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {
+                Ok(RenameOutcome::NameTaken)
             }
             Err(e) => Err(ServiceError::target(target, e)),
         }

@@ -12,9 +12,12 @@ use tracing::{Instrument, info, warn};
 use uuid::Uuid;
 
 use crate::{
-    admin::{AdminClient, EnsureOutcome},
+    admin::{AdminClient, RenameOutcome},
     audit::Audit,
-    domain::{Action, ApprovalMode, ApprovalRequest, ApprovalState, CallContext, LifecycleOutcome},
+    domain::{
+        Action, ApprovalMode, ApprovalRequest, ApprovalState, CallContext, DatabaseName,
+        LifecycleOutcome,
+    },
     error::ServiceError,
     ownership::{OwnedCall, Plan},
     policy::Policy,
@@ -29,8 +32,13 @@ use crate::{
 ///   nothing else was done.
 /// * `after_intent`: the ownership intent is written (row `creating` / `deleting`);
 ///   the target cluster was not touched.
-/// * `after_create` / `after_drop`: `CREATE DATABASE` / `DROP DATABASE` committed on
-///   the target; the ownership row and the request state are not final.
+/// * `after_create`: create only; `CREATE DATABASE` of the request's staging name
+///   committed on the target, its oid not yet recorded, nothing under the requested
+///   name yet.
+/// * `after_rename`: create only; the staging database renamed to the requested name;
+///   the ownership row and the request state are not final.
+/// * `after_drop`: delete only; `DROP DATABASE` committed on the target; the ownership
+///   row and the request state are not final.
 /// * `before_finalize`: inside the finalizing transaction, after the ownership change
 ///   was issued but before the final state and terminal event are written and
 ///   committed (so a crash here also proves that half-written finalize rolls back).
@@ -42,10 +50,11 @@ use crate::{
 /// core-dump handler could intercept or slow down), and they can first observe the
 /// intermediate state. The rest of the process keeps serving meanwhile (its recovery
 /// loop skips the parked request, whose lock is held), like a replica whose apply hung.
-pub const FAULT_POINTS: [&str; 5] = [
+pub const FAULT_POINTS: [&str; 6] = [
     "after_claim",
     "after_intent",
     "after_create",
+    "after_rename",
     "after_drop",
     "before_finalize",
 ];
@@ -620,8 +629,17 @@ impl Approvals {
         match req.action {
             Action::Create => {
                 let current_oid = self.admin.oid(target, &db.name).await?;
-                let exists = current_oid.is_some();
-                if exists && !own.as_ref().is_some_and(|o| o.identifies(current_oid)) {
+                if current_oid.is_some() {
+                    if own.as_ref().is_some_and(|o| o.identifies(current_oid)) {
+                        // Ours already: an interrupted attempt of this request renamed
+                        // it into place, or it is the project's managed database.
+                        return Ok(Effect::Created {
+                            already_existed: true,
+                            resumed,
+                            database_oid: current_oid.map(i64::from),
+                        });
+                    }
+                    self.abandon_create(req).await?;
                     return Err(ServiceError::UnmanagedDatabaseExists {
                         name: db.name.to_string(),
                     });
@@ -632,21 +650,45 @@ impl Approvals {
                     });
                 }
                 self.fault("after_intent", req).await;
-                let created = match self.admin.ensure_database(target, &db.name).await {
-                    Ok(o) => o,
+                // Created under a name of this request's own, its oid recorded, then
+                // renamed into place: a database that someone else puts under the
+                // requested name meanwhile is never taken for the one created here.
+                let staging = DatabaseName::staging_for(req.id);
+                if let Err(e) = self.admin.ensure_database(target, &staging).await {
+                    if !e.is_transient() {
+                        self.abandon_create(req).await?;
+                    }
+                    return Err(e);
+                }
+                self.fault("after_create", req).await;
+                let Some(staged_oid) = self.admin.oid(target, &staging).await? else {
+                    // Dropped by someone right after it was made: start over next time.
+                    return Err(ServiceError::TargetUnavailable {
+                        target: target.clone(),
+                        detail: format!("database `{staging}` vanished while being created"),
+                    });
+                };
+                self.repo.record_creating_oid(req, staged_oid).await?;
+                match self.admin.rename_database(target, &staging, &db.name).await {
+                    Ok(RenameOutcome::Renamed) => {}
+                    Ok(RenameOutcome::NameTaken) => {
+                        self.abandon_create(req).await?;
+                        return Err(ServiceError::UnmanagedDatabaseExists {
+                            name: db.name.to_string(),
+                        });
+                    }
                     Err(e) => {
-                        if !e.is_transient() && !exists {
-                            self.repo.drop_creating_intent(req).await?;
+                        if !e.is_transient() {
+                            self.abandon_create(req).await?;
                         }
                         return Err(e);
                     }
-                };
-                self.fault("after_create", req).await;
-                let database_oid = self.admin.oid(target, &db.name).await?.map(i64::from);
+                }
+                self.fault("after_rename", req).await;
                 Ok(Effect::Created {
-                    already_existed: created == EnsureOutcome::AlreadyExisted,
+                    already_existed: false,
                     resumed,
-                    database_oid,
+                    database_oid: Some(i64::from(staged_oid)),
                 })
             }
             Action::Delete => {
@@ -672,6 +714,18 @@ impl Approvals {
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
         }
+    }
+
+    /// Undo what a create that failed for good left behind: its staging database (if
+    /// it was made) and its `creating` intent. A database under the requested name is
+    /// never touched: it is not the service's.
+    async fn abandon_create(&self, req: &ApprovalRequest) -> Result<(), ServiceError> {
+        let staging = DatabaseName::staging_for(req.id);
+        self.admin
+            .drop_database(&req.target_cluster, &staging)
+            .await?;
+        self.repo.drop_creating_intent(req).await?;
+        Ok(())
     }
 
     /// Write the final state, the ownership change and the terminal event in one
@@ -713,11 +767,19 @@ impl Approvals {
                         self.repo
                             .activate_ownership(&tx, req, *database_oid)
                             .await?;
-                        (
+                        let message = if *already_existed {
+                            format!(
+                                "database `{}` is in place (created by an interrupted earlier attempt of this request, or already the project's) and owned by project `{}`",
+                                req.database_name, req.project_id
+                            )
+                        } else {
                             format!(
                                 "database `{}` created and owned by project `{}`",
                                 req.database_name, req.project_id
-                            ),
+                            )
+                        };
+                        (
+                            message,
                             json!({ "effect": "created", "already_existed": already_existed, "resumed": resumed }),
                         )
                     }

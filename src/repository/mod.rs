@@ -485,6 +485,9 @@ impl Repository {
     /// Write the apply intent before touching the target cluster: upsert the row in
     /// state `creating` (create) for this project and environment. Returns None when
     /// the name is owned by another project or registered in another environment.
+    /// The recorded oid is kept: it is the identity a database under this name must
+    /// have to count as the service's (a re-create after drift keeps the old one until
+    /// [`Self::record_creating_oid`] replaces it).
     pub async fn mark_creating(&self, req: &ApprovalRequest) -> Result<Option<Ownership>> {
         let c = self.client().await?;
         let row = c
@@ -496,8 +499,7 @@ impl Repository {
                      ON CONFLICT (target_cluster, database_name) DO UPDATE \
                        SET state = CASE WHEN project_databases.state = 'active' \
                                    THEN 'active' ELSE 'creating' END, \
-                           request_id = EXCLUDED.request_id, database_oid = NULL, \
-                           updated_at = now() \
+                           request_id = EXCLUDED.request_id, updated_at = now() \
                        WHERE project_databases.project_id = EXCLUDED.project_id \
                          AND project_databases.environment = EXCLUDED.environment \
                      RETURNING {OWNERSHIP_COLUMNS}"
@@ -514,6 +516,27 @@ impl Repository {
             .await
             .map_err(meta)?;
         Ok(row.as_ref().map(ownership_from_row))
+    }
+
+    /// Record the oid of the database this request's apply created (under its staging
+    /// name), before it is renamed into place: from then on that database, and only
+    /// that one, is identified as the service's.
+    pub async fn record_creating_oid(&self, req: &ApprovalRequest, oid: u32) -> Result<bool> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "UPDATE project_databases SET database_oid = $4, updated_at = now() \
+                 WHERE target_cluster = $1 AND database_name = $2 AND request_id = $3",
+                &[
+                    &req.target_cluster,
+                    &req.database_name,
+                    &req.id,
+                    &i64::from(oid),
+                ],
+            )
+            .await
+            .map_err(meta)?;
+        Ok(n == 1)
     }
 
     /// Mark the row `deleting` for this request (the delete intent).
