@@ -181,6 +181,10 @@ impl Principal {
     }
 }
 
+/// Names of this prefix are the service's own (see [`DatabaseName::staging_for`]):
+/// callers can never create or drop them.
+pub const STAGING_PREFIX: &str = "dbl_staging_";
+
 /// A database name that passed the name rules. Only `policy` constructs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DatabaseName(String);
@@ -194,7 +198,7 @@ impl DatabaseName {
     /// own database again, and a database that appears under the requested name in
     /// the meantime can never be mistaken for it. 44 bytes, within PostgreSQL's 63.
     pub fn staging_for(request_id: uuid::Uuid) -> Self {
-        Self(format!("dbl_staging_{}", request_id.simple()))
+        Self(format!("{STAGING_PREFIX}{}", request_id.simple()))
     }
     pub fn as_str(&self) -> &str {
         &self.0

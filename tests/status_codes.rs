@@ -323,12 +323,15 @@ async fn permission_denied_for_protected_databases() {
     let agent = server.as_(&AGENT_A).await;
     let admin = server.as_(&ADMIN).await;
     let meta = server.metadata_db.clone();
+    // Staging names are the service's own (a create renames one into place).
+    let staging = db_lifecycle::domain::DatabaseName::staging_for(uuid::Uuid::now_v7());
     for name in [
         "postgres",
         "template0",
         "template1",
         meta.as_str(),
         configured.as_str(),
+        staging.as_str(),
     ] {
         let (s, _) = refused(
             &server,

@@ -230,8 +230,9 @@ impl Policy {
         &self.allowed_environments
     }
 
+    /// Configured and built-in protected names, and the staging names of applies.
     pub fn is_protected(&self, name: &str) -> bool {
-        self.protected.contains(name)
+        self.protected.contains(name) || name.starts_with(crate::domain::STAGING_PREFIX)
     }
 
     /// Normalize (trim, lowercase) and check an environment against the allowlist.
