@@ -42,13 +42,15 @@ pub enum ServiceError {
     )]
     ConfirmDeleteRequired { name: String },
     #[error(
-        "database `{name}` already has an open {action} request {request_id} ({state}); wait for it to be decided, or follow it with GetRequest"
+        "database `{name}` already has an open {action} request {request_id} ({state}); {hint}"
     )]
     OpenRequestExists {
         name: String,
         request_id: uuid::Uuid,
         action: String,
         state: String,
+        /// What the caller can do: differs when the open request is another project's.
+        hint: &'static str,
     },
     #[error(
         "database `{name}` is registered to your project in environment `{registered}` on the same cluster; use environment `{registered}` or another name"

@@ -277,6 +277,13 @@ async fn concurrent_creates_of_one_name_by_two_projects_one_wins() {
                     "the error must name the open request: {}",
                     loser_err.message()
                 );
+                // ... but not whose it is, nor a way to follow it the loser lacks.
+                let m = loser_err.message();
+                assert!(m.contains("another project's request"), "{m}");
+                assert!(
+                    !m.contains("GetRequest") && !m.contains("alpha") && !m.contains("beta"),
+                    "{m}"
+                );
             }
             Code::PermissionDenied => {}
             other => panic!("unexpected {other:?}: {}", loser_err.message()),

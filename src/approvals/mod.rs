@@ -348,11 +348,19 @@ impl Approvals {
             && open.project_id == call.project_id
             && open.environment == call.environment;
         if !identical {
+            // Another project's request is named (one open request per database) but
+            // neither its project nor a way to follow it that the caller lacks.
+            let hint = if open.project_id == call.project_id {
+                "wait for it to be decided, or follow it with GetRequest"
+            } else {
+                "it is another project's request; the name can be requested again only if that request is denied, expires or fails"
+            };
             return Err(ServiceError::OpenRequestExists {
                 name: call.database.name.to_string(),
                 request_id: open.id,
                 action: open.action.to_string(),
                 state: open.state.to_string(),
+                hint,
             });
         }
         if !call.dry_run {
