@@ -4,6 +4,7 @@
 //! Expectations come from design §3–§5 and `policy`:
 //! - Create/Delete need requester, owner or admin; Describe and the query RPCs
 //!   (GetRequest, ListRequests, ListFlowEvents, ListDatabases) need any role;
+//!   WhoAmI needs only a valid token;
 //! - Approve needs a human with an approver role for the request's approval mode
 //!   (owner mode here: owner or admin) who did not request it;
 //! - everything outside the principal's project scope is PERMISSION_DENIED.
@@ -27,9 +28,10 @@ enum Rpc {
     ListRequests,
     ListFlowEvents,
     ListDatabases,
+    WhoAmI,
 }
 
-const RPCS: [Rpc; 8] = [
+const RPCS: [Rpc; 9] = [
     Rpc::Create,
     Rpc::Delete,
     Rpc::Describe,
@@ -38,12 +40,17 @@ const RPCS: [Rpc; 8] = [
     Rpc::ListRequests,
     Rpc::ListFlowEvents,
     Rpc::ListDatabases,
+    Rpc::WhoAmI,
 ];
 const KINDS: [&str; 3] = ["agent", "service", "human"];
 const ROLES: [&str; 5] = ["requester", "owner", "delegate", "admin", "none"];
 
 /// The expected code of one cell, from design §3–§5 (see the module comment).
 fn expected(rpc: Rpc, kind: &str, role: &str, own: bool) -> Code {
+    // Names no project: any valid token may ask who it is.
+    if rpc == Rpc::WhoAmI {
+        return Code::Ok;
+    }
     if !own {
         return Code::PermissionDenied;
     }
@@ -55,6 +62,7 @@ fn expected(rpc: Rpc, kind: &str, role: &str, own: bool) -> Code {
         | Rpc::ListFlowEvents
         | Rpc::ListDatabases => role != "none",
         Rpc::Approve => kind == "human" && matches!(role, "owner" | "admin"),
+        Rpc::WhoAmI => true,
     };
     if allowed {
         Code::Ok
@@ -180,6 +188,7 @@ async fn run_cell(
             }))
             .await,
         ),
+        Rpc::WhoAmI => outcome(c.who_am_i(caller.request(proto::WhoAmIRequest {})).await),
     }
 }
 

@@ -129,6 +129,56 @@ async fn unauthenticated_without_token_with_garbage_token_or_wrong_scheme() {
 /// Anyone can send calls without credentials: their refusals are recorded within a
 /// budget (here 5 rows and no refill), every call is still refused, and calls with
 /// credentials are recorded as always.
+/// WhoAmI answers who a valid token is, and only that: a bad token is
+/// UNAUTHENTICATED (and audited like any refusal), a good one needs no role.
+#[tokio::test]
+async fn who_am_i_names_the_principal_of_a_valid_token_only() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let mut c = agent.client.clone();
+    let me = c
+        .who_am_i(agent.request(proto::WhoAmIRequest {}))
+        .await
+        .unwrap();
+    let cid = me
+        .metadata()
+        .get("x-correlation-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let me = me.into_inner();
+    assert_eq!(me.principal_id, AGENT_A.id);
+    assert_eq!(me.kind, "agent");
+    assert_eq!(me.projects, vec!["alpha".to_string()]);
+    assert_eq!(me.roles, vec!["requester".to_string()]);
+    assert_eq!(me.run_id, "");
+    assert_eq!(me.correlation_id, cid);
+
+    let before = request_count(&server).await;
+    for header in [None, Some("Bearer not-a-known-token-42")] {
+        let caller = server.with_auth(header).await;
+        let mut c = caller.client.clone();
+        let (status, row) = refused(
+            &server,
+            c.who_am_i(caller.request(proto::WhoAmIRequest {})).await,
+            Code::Unauthenticated,
+        )
+        .await;
+        assert!(
+            !status.message().contains("not-a-known-token"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(row.actor_id, "");
+    }
+    assert_eq!(
+        request_count(&server).await,
+        before,
+        "WhoAmI stores no request"
+    );
+}
+
 #[tokio::test]
 async fn refusals_of_unauthenticated_calls_are_recorded_within_a_budget() {
     let server = TestServer::start_with(Options {

@@ -605,6 +605,31 @@ impl DatabaseLifecycle for LifecycleService {
         )
         .await
     }
+
+    async fn who_am_i(
+        &self,
+        request: Request<proto::WhoAmIRequest>,
+    ) -> Result<Response<proto::WhoAmIResponse>, Status> {
+        // Authentication (the middleware) is the whole check: any valid token may ask.
+        let ctx = context(&request)?;
+        let p = &ctx.principal;
+        let body = proto::WhoAmIResponse {
+            principal_id: p.id.clone(),
+            kind: p.kind.as_str().to_string(),
+            projects: p.projects.clone(),
+            roles: p.roles.iter().map(|r| r.as_str().to_string()).collect(),
+            run_id: p.run_id.clone().unwrap_or_default(),
+            correlation_id: ctx.correlation_id.clone(),
+        };
+        self.respond(
+            &ctx,
+            "WhoAmI",
+            Value::Null,
+            RefusalSubject::default(),
+            Ok(body),
+        )
+        .await
+    }
 }
 
 impl From<ApprovalState> for proto::ApprovalState {
