@@ -316,6 +316,16 @@ impl ServiceClient {
         let request = self.request(body, token, correlation_id)?;
         self.answer(self.client().get_request(request).await, correlation_id)
     }
+
+    /// Who the token is, according to the service (UNAUTHENTICATED for a bad one).
+    pub async fn who_am_i(
+        &self,
+        token: &SecretToken,
+        correlation_id: &str,
+    ) -> Result<Answer<proto::WhoAmIResponse>, ToolFailure> {
+        let request = self.request(proto::WhoAmIRequest {}, token, correlation_id)?;
+        self.answer(self.client().who_am_i(request).await, correlation_id)
+    }
 }
 
 fn correlation_from(metadata: &MetadataMap) -> Option<String> {

@@ -1,7 +1,9 @@
 //! Streamable HTTP transport at `/mcp`, for the bridge as a sidecar in a pod.
 //!
 //! Each HTTP request must carry exactly one `Authorization: Bearer <token>` (else
-//! 401), and an MCP session is used only with the token that opened it (else 404); that
+//! 401); a session is opened only for a token the service accepts (WhoAmI; else 401),
+//! within a limit per token and overall; and an MCP session is used only with the
+//! token that opened it (else 404); that
 //! token, not any token of the bridge, is what the service sees for the calls the
 //! request makes. Host (and optionally Origin) validation and the request body limit
 //! are enforced by the SDK's service.
@@ -20,12 +22,21 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use rmcp::transport::streamable_http_server::{
-    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+use rmcp::transport::{
+    common::server_side_http::SessionId,
+    streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+        session::{SessionManager, local::LocalSessionManager},
+    },
 };
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
-use crate::mcp::{LifecycleBridge, settings::SecretToken};
+use crate::mcp::{
+    LifecycleBridge,
+    forward::{ServiceClient, new_correlation_id},
+    settings::SecretToken,
+};
 
 pub const MCP_PATH: &str = "/mcp";
 pub const HEALTH_PATH: &str = "/healthz";
@@ -42,38 +53,68 @@ pub struct HttpOptions {
 
 /// The MCP session header (streamable HTTP).
 const SESSION_HEADER: &str = "mcp-session-id";
-/// Sessions remembered at once; the oldest are forgotten beyond it (their clients
-/// get 404 and initialize again, as the protocol expects).
-const MAX_TRACKED_SESSIONS: usize = 10_000;
+/// MCP sessions open at once, over all tokens. Beyond it a new session gets 503:
+/// open sessions are never pushed out by other callers.
+const MAX_SESSIONS: usize = 2_000;
+/// MCP sessions one token may hold; opening one more closes that token's oldest (an
+/// agent that restarts without ending its sessions only ever displaces its own).
+const MAX_SESSIONS_PER_TOKEN: usize = 16;
 
 /// Which token opened each MCP session (SHA-256 of it), so that a session is used,
 /// and ended, only with the token that opened it.
 #[derive(Default)]
 struct SessionOwners {
     owners: HashMap<String, [u8; 32]>,
-    order: VecDeque<String>,
+    /// Each token's sessions, oldest first.
+    by_token: HashMap<[u8; 32], VecDeque<String>>,
 }
 
 impl SessionOwners {
-    fn insert(&mut self, session: String, owner: [u8; 32]) {
-        if self.owners.insert(session.clone(), owner).is_none() {
-            self.order.push_back(session);
+    /// Record `session` for `owner`; returns that token's sessions over its limit.
+    fn insert(&mut self, session: String, owner: [u8; 32]) -> Vec<String> {
+        if self.owners.insert(session.clone(), owner).is_some() {
+            return Vec::new();
         }
-        while self.order.len() > MAX_TRACKED_SESSIONS {
-            if let Some(oldest) = self.order.pop_front() {
+        let own = self.by_token.entry(owner).or_default();
+        own.push_back(session);
+        let mut over = Vec::new();
+        while own.len() > MAX_SESSIONS_PER_TOKEN {
+            if let Some(oldest) = own.pop_front() {
                 self.owners.remove(&oldest);
+                over.push(oldest);
+            }
+        }
+        over
+    }
+
+    fn remove(&mut self, session: &str) {
+        if let Some(owner) = self.owners.remove(session)
+            && let Some(own) = self.by_token.get_mut(&owner)
+        {
+            own.retain(|s| s != session);
+            if own.is_empty() {
+                self.by_token.remove(&owner);
             }
         }
     }
 
-    fn remove(&mut self, session: &str) {
-        if self.owners.remove(session).is_some() {
-            self.order.retain(|s| s != session);
+    /// Forget sessions the SDK no longer has (ended by their idle timeout).
+    fn retain_live(&mut self, live: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self.owners.keys().filter(|s| !live(s)).cloned().collect();
+        for session in gone {
+            self.remove(&session);
         }
     }
 }
 
-type SharedSessionOwners = Arc<Mutex<SessionOwners>>;
+/// What the HTTP gate needs: session owners, the SDK's sessions (to count and close
+/// them) and the service (to check a token before a session is opened for it).
+#[derive(Clone)]
+struct Gate {
+    owners: Arc<Mutex<SessionOwners>>,
+    sessions: Arc<LocalSessionManager>,
+    service: ServiceClient,
+}
 
 fn token_digest(token: &SecretToken) -> [u8; 32] {
     use sha2::{Digest, Sha256};
@@ -87,15 +128,69 @@ fn session_id(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
+fn unauthorized(message: String) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        message,
+    )
+        .into_response()
+}
+
+impl Gate {
+    /// Before a session is opened: room for it, and a token the service accepts.
+    /// A service that cannot be asked right now does not block agents (their tool
+    /// calls then report it); only a definite UNAUTHENTICATED refuses.
+    async fn admit_new_session(&self, token: &SecretToken) -> Result<(), Response> {
+        let open = self.sessions.sessions.read().await.len();
+        if open >= MAX_SESSIONS {
+            warn!(
+                open,
+                limit = MAX_SESSIONS,
+                "MCP session refused: too many open"
+            );
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "30")],
+                "too many MCP sessions are open on this bridge; retry later\n",
+            )
+                .into_response());
+        }
+        match self.service.who_am_i(token, &new_correlation_id()).await {
+            Err(failure) if failure.code == tonic::Code::Unauthenticated => {
+                info!(correlation_id = %failure.correlation_id, "MCP session refused: the service does not accept the token");
+                Err(unauthorized(format!(
+                    "the db-lifecycle service does not accept this token: {} (correlation id {})\n",
+                    failure.message, failure.correlation_id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Remember who opened `session`, closing that token's sessions over its limit.
+    async fn opened(&self, session: String, digest: [u8; 32]) {
+        let over = {
+            let live = self.sessions.sessions.read().await;
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            owners.retain_live(|s| live.contains_key(s));
+            owners.insert(session, digest)
+        };
+        for old in over {
+            info!(
+                "closing the oldest MCP session of a token over its limit of {MAX_SESSIONS_PER_TOKEN}"
+            );
+            let _ = self.sessions.close_session(&SessionId::from(old)).await;
+        }
+    }
+}
+
 /// Refuse requests without exactly one bearer token before they reach the MCP layer
-/// (with several, which one counts would depend on who reads them), and requests on
-/// a session that another token opened (404, as for a session that does not exist:
-/// whether it does is not revealed).
-async fn require_bearer(
-    State(sessions): State<SharedSessionOwners>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// (with several, which one counts would depend on who reads them), tokens the
+/// service refuses before a session is opened for them, and requests on a session
+/// that another token opened (404, as for a session that does not exist: whether it
+/// does is not revealed).
+async fn require_bearer(State(gate): State<Gate>, request: Request, next: Next) -> Response {
     let mut values = request.headers().get_all(header::AUTHORIZATION).iter();
     let first = values.next();
     let token = if values.next().is_some() {
@@ -110,46 +205,51 @@ async fn require_bearer(
     };
     let token = match token {
         Ok(token) => token,
-        Err(refusal) => {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                refusal,
-            )
-                .into_response();
-        }
+        Err(refusal) => return unauthorized(refusal.to_string()),
     };
     let digest = token_digest(&token);
     let session = session_id(request.headers());
-    if let Some(session) = &session {
-        let owner = sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .owners
-            .get(session)
-            .copied();
-        if owner != Some(digest) {
-            return (
-                StatusCode::NOT_FOUND,
-                "session not found: initialize a new session (with your own token)\n",
-            )
-                .into_response();
+    match &session {
+        Some(session) => {
+            let owner = gate
+                .owners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .owners
+                .get(session)
+                .copied();
+            if owner != Some(digest) {
+                return (
+                    StatusCode::NOT_FOUND,
+                    "session not found: initialize a new session (with your own token)\n",
+                )
+                    .into_response();
+            }
         }
+        // Only a POST without a session opens one (initialize).
+        None if request.method() == Method::POST => {
+            if let Err(refusal) = gate.admit_new_session(&token).await {
+                return refusal;
+            }
+        }
+        None => {}
     }
     let ends_session = request.method() == Method::DELETE;
     let response = next.run(request).await;
-    let mut owners = sessions.lock().unwrap_or_else(|e| e.into_inner());
     match &session {
         // A new session opened by this request: it belongs to this token.
         None => {
             if let Some(opened) = session_id(response.headers()) {
-                owners.insert(opened, digest);
+                gate.opened(opened, digest).await;
             }
         }
-        Some(session) if ends_session && response.status().is_success() => owners.remove(session),
+        Some(session) if ends_session && response.status().is_success() => gate
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(session),
         Some(_) => {}
     }
-    drop(owners);
     response
 }
 
@@ -168,17 +268,16 @@ pub fn router(
     if !options.allowed_origins.is_empty() {
         config = config.with_allowed_origins(options.allowed_origins.clone());
     }
-    let service = StreamableHttpService::new(
-        move || Ok(bridge.clone()),
-        Arc::new(LocalSessionManager::default()),
-        config,
-    );
+    let sessions = Arc::new(LocalSessionManager::default());
+    let gate = Gate {
+        owners: Arc::default(),
+        sessions: sessions.clone(),
+        service: bridge.service().clone(),
+    };
+    let service = StreamableHttpService::new(move || Ok(bridge.clone()), sessions, config);
     Router::new()
         .route_service(MCP_PATH, service)
-        .route_layer(middleware::from_fn_with_state(
-            SharedSessionOwners::default(),
-            require_bearer,
-        ))
+        .route_layer(middleware::from_fn_with_state(gate, require_bearer))
         .route(HEALTH_PATH, get(|| async { "ok\n" }))
 }
 

@@ -67,6 +67,11 @@ impl LifecycleBridge {
         self.tools.list()
     }
 
+    /// The gRPC client the bridge forwards with.
+    pub fn service(&self) -> &ServiceClient {
+        &self.service
+    }
+
     /// The agent's token: the bridge's own (stdio) or this HTTP request's.
     fn token(
         &self,

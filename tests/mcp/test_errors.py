@@ -19,6 +19,14 @@ from conftest import RestartableService, Service, http_client, stdio_client, uni
 
 pytestmark = pytest.mark.anyio
 
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
+}
+
 
 def psql_binary() -> str:
     found = shutil.which("psql") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))), None)
@@ -75,15 +83,57 @@ async def test_service_refusals_arrive_as_tool_errors(connect, service: Service)
 
 
 async def test_bad_token_is_unauthenticated(transport: str, service: Service, http_bridge) -> None:
-    if transport == "stdio":
-        opened = stdio_client(service.url, "not-a-valid-token")
-    else:
-        opened = http_client(http_bridge.url, "not-a-valid-token")
-    async with opened as client:
+    if transport == "http":
+        # Over HTTP no session is opened for a token the service refuses (401).
+        async with httpx2.AsyncClient() as http:
+            refused = await http.post(
+                http_bridge.url, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": "Bearer not-a-valid-token"}
+            )
+        assert refused.status_code == 401, refused.text
+        assert "does not accept this token" in refused.text and "correlation id" in refused.text, refused.text
+        assert "mcp-session-id" not in refused.headers
+        assert "not-a-valid-token" not in refused.text
+        return
+    async with stdio_client(service.url, "not-a-valid-token") as client:
         refused = failed(
             await lifecycle(client, action="describe", environment="dev", database_name="orders"), "UNAUTHENTICATED"
         )
     assert refused["origin"] == "service"
+
+
+async def _open_session(http: httpx2.AsyncClient, url: str, token: str) -> httpx2.Response:
+    return await http.post(url, json=INITIALIZE, headers={**MCP_HEADERS, "Authorization": f"Bearer {token}"})
+
+
+async def _list_tools(http: httpx2.AsyncClient, url: str, token: str, session: str) -> int:
+    listed = await http.post(
+        url,
+        json={"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}},
+        headers={**MCP_HEADERS, "Authorization": f"Bearer {token}", "mcp-session-id": session},
+    )
+    return listed.status_code
+
+
+async def test_http_sessions_cannot_be_flooded_away(service: Service, start_http_bridge) -> None:
+    """Callers without a valid token get no session, so they cannot push an agent's
+    session out; one token holds a bounded number of sessions and only displaces
+    its own oldest."""
+    bridge = start_http_bridge(service.url)
+    agent, other = service.tokens["requester"], service.tokens["other_agent"]
+    async with httpx2.AsyncClient(timeout=30) as http:
+        theirs = (await _open_session(http, bridge.url, other)).headers["mcp-session-id"]
+        for i in range(200):
+            junk = await _open_session(http, bridge.url, f"junk-{i}")
+            assert junk.status_code == 401 and "mcp-session-id" not in junk.headers, junk.text
+        assert await _list_tools(http, bridge.url, other, theirs) == 200
+
+        mine = [(await _open_session(http, bridge.url, agent)).headers["mcp-session-id"] for _ in range(17)]
+        # The 17th closed the token's oldest session; the rest, and the other
+        # agent's, still work.
+        assert await _list_tools(http, bridge.url, agent, mine[0]) == 404
+        for session in mine[1:]:
+            assert await _list_tools(http, bridge.url, agent, session) == 200
+        assert await _list_tools(http, bridge.url, other, theirs) == 200
 
 
 async def test_bridge_checks_argument_shapes(connect) -> None:
@@ -207,8 +257,9 @@ async def test_tokens_never_reach_the_logs(service: Service, start_http_bridge) 
     async with http_client(bridge.url, token) as client:
         ok(await lifecycle(client, action="describe", environment="dev", database_name=unique_name()))
         failed(await create(client, "Bad Name"), "INVALID_ARGUMENT")
-    async with http_client(bridge.url, "an-invalid-token-value") as client:
-        failed(await lifecycle(client, action="describe", environment="dev", database_name="x"), "UNAUTHENTICATED")
+    async with httpx2.AsyncClient() as http:
+        refused = await _open_session(http, bridge.url, "an-invalid-token-value")
+        assert refused.status_code == 401, refused.text
     logs = bridge.process.stderr_path.read_text() + bridge.process.stdout_path.read_text()
     assert "forwarding database.lifecycle" in logs, "the debug log was not written"
     assert token not in logs and "an-invalid-token-value" not in logs
@@ -232,13 +283,8 @@ def test_stdio_refuses_to_start_without_a_token(service: Service) -> None:
 
 
 async def test_http_sessions_belong_to_the_token_that_opened_them(http_bridge, service: Service) -> None:
-    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-    initialize = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}},
-    }
+    headers = MCP_HEADERS
+    initialize = INITIALIZE
     mine = {**headers, "Authorization": f"Bearer {service.tokens['requester']}"}
     theirs = {**headers, "Authorization": f"Bearer {service.tokens['other_agent']}"}
     tools = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
