@@ -1073,6 +1073,36 @@ async fn an_invalid_caller_correlation_id_is_invalid_argument() {
     assert!(!db_exists(&name).await);
 }
 
+/// Two `x-correlation-id` values, each valid on its own, are refused like a
+/// malformed one: which one a reader picks would decide whose trail the call joins.
+#[tokio::test]
+async fn two_caller_correlation_ids_are_invalid_argument() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let name = unique("twocorr");
+    let mut req = agent.request_with_correlation(
+        CreateDatabaseRequest {
+            environment: "dev".into(),
+            database_name: name.clone(),
+            ..Default::default()
+        },
+        "first-id",
+    );
+    req.metadata_mut()
+        .append("x-correlation-id", "second-id".parse().unwrap());
+    let mut c = agent.client.clone();
+    let s = expect_code(c.create(req).await, Code::InvalidArgument);
+    assert!(s.message().contains("x-correlation-id"), "{}", s.message());
+    let echoed = status_correlation_id(&s);
+    assert!(
+        uuid::Uuid::parse_str(&echoed).is_ok(),
+        "a generated id replaces both: {echoed}"
+    );
+    assert_refusal_recorded(&server, &s, "INVALID_ARGUMENT").await;
+    assert_eq!(request_count(&server).await, 0);
+    assert!(!db_exists(&name).await);
+}
+
 /// A target cluster that refuses the service's own credentials is UNAVAILABLE for
 /// the caller, and the message names neither the password nor the service's role.
 #[tokio::test]

@@ -185,10 +185,13 @@ where
                 .next()
                 .unwrap_or_default()
                 .to_string();
-            let supplied = req
-                .headers()
-                .get(CORRELATION_HEADER)
-                .map(|v| v.to_str().unwrap_or("").to_string());
+            // Several ids are refused like a malformed one: which one a reader
+            // takes would decide whose trail the call lands in.
+            let mut values = req.headers().get_all(CORRELATION_HEADER).iter();
+            let supplied = match (values.next(), values.next()) {
+                (Some(_), Some(_)) => Some(String::new()),
+                (first, _) => first.map(|v| v.to_str().unwrap_or("").to_string()),
+            };
             let authenticated = auth.authenticate(req.headers());
             // A caller's own id is adopted only once it has proved who it is: an
             // unauthenticated call must not write into another call's audit trail.
@@ -209,7 +212,7 @@ where
                 if bad_correlation {
                     let err = ServiceError::invalid(
                         "x-correlation-id",
-                        format!("must be 1..={MAX_CORRELATION_LEN} characters of letters, digits, `-_.:/`"),
+                        format!("send one, of 1..={MAX_CORRELATION_LEN} characters of letters, digits, `-_.:/`"),
                     );
                     tracing::info!(code = "INVALID_ARGUMENT", "refused: {err}");
                     audit
