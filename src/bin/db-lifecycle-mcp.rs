@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use db_lifecycle::mcp::{
-    BridgeSettings, Credentials, LifecycleBridge, SecretToken, ToolNaming,
+    BridgeSettings, Credentials, LifecycleBridge, SecretToken, TokenShapeError, ToolNaming,
     forward::{ForwardTimeouts, ServiceClient, ServiceTls},
     http::{self, HttpOptions, MCP_PATH},
 };
@@ -62,8 +62,9 @@ struct Cli {
         default_value = "DB_LIFECYCLE_TOKEN"
     )]
     token_env: String,
-    /// Offer only `describe` (the lifecycle tool is marked read-only).
-    #[arg(long, env = "DB_LIFECYCLE_MCP_READ_ONLY")]
+    /// Offer only `describe` (the lifecycle tool is marked read-only). The variable
+    /// takes true/false, yes/no, on/off or 1/0.
+    #[arg(long, env = "DB_LIFECYCLE_MCP_READ_ONLY", value_parser = clap::builder::BoolishValueParser::new())]
     read_only: bool,
     /// Comma separated environments to offer (others are refused by the bridge).
     /// Unset: any environment is forwarded and the service's allowlist decides.
@@ -123,6 +124,13 @@ enum StartError {
          (or name another variable with --token-env)"
     )]
     MissingToken(String),
+    #[error("the token in {0} is not usable: {1}")]
+    BadToken(String, TokenShapeError),
+    #[error(
+        "--environments (DB_LIFECYCLE_MCP_ENVIRONMENTS) is set but names no environment; \
+         unset it to offer every environment the service allows, or list the ones to offer"
+    )]
+    EmptyEnvironments,
     #[error("--max-body-bytes must be at least 1024")]
     BodyLimitTooSmall,
 }
@@ -186,9 +194,17 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let environments = match cli.environments.as_deref() {
+        None => None,
+        // Set but empty is refused: silently offering every environment is the
+        // opposite of what whoever set the variable meant.
+        Some(raw) => Some(
+            BridgeSettings::parse_environments(Some(raw)).ok_or(StartError::EmptyEnvironments)?,
+        ),
+    };
     let settings = BridgeSettings {
         read_only: cli.read_only,
-        environments: BridgeSettings::parse_environments(cli.environments.as_deref()),
+        environments,
         tool_naming: cli.tool_names,
         ..BridgeSettings::default()
     };
@@ -215,10 +231,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     match cli.transport {
         Transport::Stdio => {
-            let token = std::env::var(&cli.token_env)
-                .ok()
-                .and_then(SecretToken::new)
-                .ok_or_else(|| StartError::MissingToken(cli.token_env.clone()))?;
+            let raw = std::env::var(&cli.token_env)
+                .map_err(|_| StartError::MissingToken(cli.token_env.clone()))?;
+            let token = SecretToken::new(raw).map_err(|reason| match reason {
+                TokenShapeError::Missing => StartError::MissingToken(cli.token_env.clone()),
+                _ => StartError::BadToken(cli.token_env.clone(), reason),
+            })?;
             let bridge = LifecycleBridge::new(settings, service, Credentials::Fixed(token));
             let running = bridge
                 .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown.clone())

@@ -142,7 +142,6 @@ impl ServiceClient {
         let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(timeouts.connect)
-            .timeout(timeouts.request)
             .tcp_nodelay(true);
         match parsed.scheme() {
             "http" if tls.is_configured() => {
@@ -176,6 +175,8 @@ impl ServiceClient {
         correlation_id: &str,
     ) -> Result<Request<T>, ToolFailure> {
         let mut request = Request::new(body);
+        // Tells the service how long the bridge waits; the bridge's own limit is
+        // enforced in `within`.
         request.set_timeout(self.timeouts.request);
         let bearer =
             AsciiMetadataValue::try_from(format!("Bearer {}", token.expose())).map_err(|_| {
@@ -208,7 +209,6 @@ impl ServiceClient {
             // such as a refused client certificate; a reset): the service is
             // unavailable to this bridge. The request may have been sent, but creates
             // and deletes are idempotent, so a retry is safe.
-            // (A request timeout is a CANCELLED status without a source.)
             None if !matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
                 && std::error::Error::source(&status).is_some() =>
             {
@@ -251,7 +251,13 @@ impl ServiceClient {
                         status.message()
                     ),
                 };
-                ToolFailure::new(status.code(), message, sent_correlation_id)
+                // The service gives up at the deadline the bridge sent (CANCELLED):
+                // for the agent that is the bridge's own timeout.
+                let code = match status.code() {
+                    Code::Cancelled => Code::DeadlineExceeded,
+                    code => code,
+                };
+                ToolFailure::new(code, message, sent_correlation_id)
             }
         }
     }
@@ -274,6 +280,33 @@ impl ServiceClient {
         }
     }
 
+    /// Run one RPC with at most `limit` to answer. A call still running then is
+    /// DEADLINE_EXCEEDED: it may or may not have been processed.
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        correlation_id: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<Answer<T>, ToolFailure> {
+        match tokio::time::timeout(limit, call).await {
+            // tonic enforces the deadline sent with the call too; whichever fires
+            // first, it is the same timeout.
+            Ok(Err(status)) if !is_timeout(&status) => Err(self.failure(status, correlation_id)),
+            Ok(Ok(response)) => self.answer(Ok(response), correlation_id),
+            Ok(Err(_)) | Err(_) => Err(ToolFailure::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "the db-lifecycle service at {} did not answer within {}; the call may or may \
+                     not have been processed; check with describe or request_status before \
+                     retrying",
+                    self.url,
+                    humantime::format_duration(limit)
+                ),
+                correlation_id,
+            )),
+        }
+    }
+
     pub async fn create(
         &self,
         token: &SecretToken,
@@ -281,7 +314,13 @@ impl ServiceClient {
         body: proto::CreateDatabaseRequest,
     ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
         let request = self.request(body, token, correlation_id)?;
-        self.answer(self.client().create(request).await, correlation_id)
+        let mut client = self.client();
+        self.within(
+            self.timeouts.request,
+            correlation_id,
+            client.create(request),
+        )
+        .await
     }
 
     pub async fn delete(
@@ -291,7 +330,13 @@ impl ServiceClient {
         body: proto::DeleteDatabaseRequest,
     ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
         let request = self.request(body, token, correlation_id)?;
-        self.answer(self.client().delete(request).await, correlation_id)
+        let mut client = self.client();
+        self.within(
+            self.timeouts.request,
+            correlation_id,
+            client.delete(request),
+        )
+        .await
     }
 
     pub async fn describe(
@@ -301,20 +346,33 @@ impl ServiceClient {
         body: proto::DescribeDatabaseRequest,
     ) -> Result<Answer<proto::LifecycleResult>, ToolFailure> {
         let request = self.request(body, token, correlation_id)?;
-        self.answer(self.client().describe(request).await, correlation_id)
+        let mut client = self.client();
+        self.within(
+            self.timeouts.request,
+            correlation_id,
+            client.describe(request),
+        )
+        .await
     }
 
+    /// One request's state, answered within `limit` at most (and never later than
+    /// the request timeout), so a wait for a decision ends when it promised to.
     pub async fn get_request(
         &self,
         token: &SecretToken,
         correlation_id: &str,
         request_id: &str,
+        limit: Duration,
     ) -> Result<Answer<proto::ApprovalRequest>, ToolFailure> {
         let body = proto::GetRequestRequest {
             request_id: request_id.to_string(),
         };
-        let request = self.request(body, token, correlation_id)?;
-        self.answer(self.client().get_request(request).await, correlation_id)
+        let limit = limit.min(self.timeouts.request);
+        let mut request = self.request(body, token, correlation_id)?;
+        request.set_timeout(limit);
+        let mut client = self.client();
+        self.within(limit, correlation_id, client.get_request(request))
+            .await
     }
 
     /// Who the token is, according to the service (UNAUTHENTICATED for a bad one).
@@ -324,8 +382,26 @@ impl ServiceClient {
         correlation_id: &str,
     ) -> Result<Answer<proto::WhoAmIResponse>, ToolFailure> {
         let request = self.request(proto::WhoAmIRequest {}, token, correlation_id)?;
-        self.answer(self.client().who_am_i(request).await, correlation_id)
+        let mut client = self.client();
+        self.within(
+            self.timeouts.request,
+            correlation_id,
+            client.who_am_i(request),
+        )
+        .await
     }
+}
+
+/// A status made by tonic's own client-side deadline (`grpc-timeout`).
+fn is_timeout(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        if err.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn correlation_from(metadata: &MetadataMap) -> Option<String> {

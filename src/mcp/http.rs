@@ -1,7 +1,8 @@
 //! Streamable HTTP transport at `/mcp`, for the bridge as a sidecar in a pod.
 //!
-//! Each HTTP request must carry exactly one `Authorization: Bearer <token>` (else
-//! 401); a session is opened only for a token the service accepts (WhoAmI; else 401),
+//! Each HTTP request must carry exactly one `Authorization: Bearer <token>` of a sane
+//! size (else 401); a session is opened only for a token the service accepts (WhoAmI;
+//! else 401, or 503 while the service cannot be asked),
 //! within a limit per token and overall; and an MCP session is used only with the
 //! token that opened it (else 404); that
 //! token, not any token of the bridge, is what the service sees for the calls the
@@ -35,7 +36,7 @@ use tracing::{info, warn};
 use crate::mcp::{
     LifecycleBridge,
     forward::{ServiceClient, new_correlation_id},
-    settings::SecretToken,
+    settings::{SecretToken, TokenShapeError},
 };
 
 pub const MCP_PATH: &str = "/mcp";
@@ -128,6 +129,15 @@ fn session_id(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
+fn retry_later(message: &'static str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        message,
+    )
+        .into_response()
+}
+
 fn unauthorized(message: String) -> Response {
     (
         StatusCode::UNAUTHORIZED,
@@ -137,11 +147,20 @@ fn unauthorized(message: String) -> Response {
         .into_response()
 }
 
+/// What the service said about a token a new session would be opened for.
+enum TokenCheck {
+    /// The service accepts it.
+    Accepted,
+    /// The service could not be asked (down, or too slow). A stateless call may go
+    /// on (its tool call then reports the outage), but no session is kept for it.
+    Unverified,
+}
+
 impl Gate {
     /// Before a session is opened: room for it, and a token the service accepts.
-    /// A service that cannot be asked right now does not block agents (their tool
-    /// calls then report it); only a definite UNAUTHENTICATED refuses.
-    async fn admit_new_session(&self, token: &SecretToken) -> Result<(), Response> {
+    /// Only a token the service accepted gets a session: anything else could fill
+    /// the bridge with sessions of made-up tokens.
+    async fn admit_new_session(&self, token: &SecretToken) -> Result<TokenCheck, Response> {
         let open = self.sessions.sessions.read().await.len();
         if open >= MAX_SESSIONS {
             warn!(
@@ -149,22 +168,23 @@ impl Gate {
                 limit = MAX_SESSIONS,
                 "MCP session refused: too many open"
             );
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "30")],
+            return Err(retry_later(
                 "too many MCP sessions are open on this bridge; retry later\n",
-            )
-                .into_response());
+            ));
         }
         match self.service.who_am_i(token, &new_correlation_id()).await {
-            Err(failure) if failure.code == tonic::Code::Unauthenticated => {
-                info!(correlation_id = %failure.correlation_id, "MCP session refused: the service does not accept the token");
+            Ok(_) => Ok(TokenCheck::Accepted),
+            Err(failure) if failure.retryable() => {
+                info!(correlation_id = %failure.correlation_id, code = ?failure.code, "token not verified: the service cannot be asked");
+                Ok(TokenCheck::Unverified)
+            }
+            Err(failure) => {
+                info!(correlation_id = %failure.correlation_id, code = ?failure.code, "MCP session refused: the service does not accept the token");
                 Err(unauthorized(format!(
                     "the db-lifecycle service does not accept this token: {} (correlation id {})\n",
                     failure.message, failure.correlation_id
                 )))
             }
-            _ => Ok(()),
         }
     }
 
@@ -195,20 +215,23 @@ async fn require_bearer(State(gate): State<Gate>, request: Request, next: Next) 
     let first = values.next();
     let token = if values.next().is_some() {
         Err(
-            "more than one Authorization header: send exactly one `Authorization: Bearer <token>`\n",
+            "more than one Authorization header: send exactly one `Authorization: Bearer <token>`\n"
+                .to_string(),
         )
     } else {
         first
             .and_then(|v| v.to_str().ok())
+            .ok_or(TokenShapeError::Missing)
             .and_then(SecretToken::from_authorization_header)
-            .ok_or("missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`\n")
+            .map_err(|reason| format!("{reason}\n"))
     };
     let token = match token {
         Ok(token) => token,
-        Err(refusal) => return unauthorized(refusal.to_string()),
+        Err(refusal) => return unauthorized(refusal),
     };
     let digest = token_digest(&token);
     let session = session_id(request.headers());
+    let mut verified = true;
     match &session {
         Some(session) => {
             let owner = gate
@@ -227,11 +250,10 @@ async fn require_bearer(State(gate): State<Gate>, request: Request, next: Next) 
             }
         }
         // Only a POST without a session opens one (initialize).
-        None if request.method() == Method::POST => {
-            if let Err(refusal) = gate.admit_new_session(&token).await {
-                return refusal;
-            }
-        }
+        None if request.method() == Method::POST => match gate.admit_new_session(&token).await {
+            Ok(check) => verified = matches!(check, TokenCheck::Accepted),
+            Err(refusal) => return refusal,
+        },
         None => {}
     }
     let ends_session = request.method() == Method::DELETE;
@@ -240,6 +262,14 @@ async fn require_bearer(State(gate): State<Gate>, request: Request, next: Next) 
         // A new session opened by this request: it belongs to this token.
         None => {
             if let Some(opened) = session_id(response.headers()) {
+                if !verified {
+                    // The service could not vouch for the token: keep no session.
+                    let _ = gate.sessions.close_session(&SessionId::from(opened)).await;
+                    return retry_later(
+                        "the db-lifecycle service cannot be reached to check this token, so no \
+                         MCP session is opened; retry later\n",
+                    );
+                }
                 gate.opened(opened, digest).await;
             }
         }

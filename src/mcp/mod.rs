@@ -23,4 +23,4 @@ pub mod settings;
 pub mod tools;
 
 pub use server::LifecycleBridge;
-pub use settings::{BridgeSettings, Credentials, SecretToken, ToolNaming};
+pub use settings::{BridgeSettings, Credentials, SecretToken, TokenShapeError, ToolNaming};

@@ -256,8 +256,16 @@ impl ToolFailure {
             }
             Code::AlreadyExists => "choose another database name",
             Code::NotFound => "check the request id or database name and environment",
-            Code::Unavailable | Code::DeadlineExceeded => {
-                "transient: retry the same call later (nothing was changed by this call)"
+            Code::Unavailable => {
+                "transient: retry the same call later (create and delete are idempotent: a \
+                 repeat returns the request already made, if any)"
+            }
+            Code::DeadlineExceeded => {
+                "the call may or may not have been processed: check with describe or \
+                 request_status, then retry the same call if needed (it is idempotent)"
+            }
+            Code::ResourceExhausted => {
+                "too many calls of this agent at once: let one finish (or cancel it), then retry"
             }
             _ => "unexpected error; report it with the correlation id",
         }

@@ -1,6 +1,10 @@
 //! The MCP server: lists the tools and turns each call into gRPC calls.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use rmcp::{
     ErrorData as McpError, RoleServer, ServerHandler,
@@ -32,6 +36,48 @@ pub struct LifecycleBridge {
     tools: Arc<ToolSet>,
     service: ServiceClient,
     credentials: Credentials,
+    /// Waits in progress per token (SHA-256 of it), shared by every session.
+    waits: Arc<Mutex<HashMap<[u8; 32], usize>>>,
+}
+
+/// Waits for a decision one token may have running at once. A client that goes away
+/// without cancelling leaves its wait polling until its deadline; the cap keeps one
+/// agent from multiplying that load on the service.
+pub const MAX_WAITS_PER_TOKEN: usize = 8;
+
+/// A running wait, counted against its token until dropped.
+struct WaitSlot {
+    waits: Arc<Mutex<HashMap<[u8; 32], usize>>>,
+    token: [u8; 32],
+}
+
+impl WaitSlot {
+    fn take(waits: &Arc<Mutex<HashMap<[u8; 32], usize>>>, token: &SecretToken) -> Option<Self> {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
+        let mut map = waits.lock().unwrap_or_else(|e| e.into_inner());
+        let running = map.entry(digest).or_default();
+        if *running >= MAX_WAITS_PER_TOKEN {
+            return None;
+        }
+        *running += 1;
+        Some(Self {
+            waits: waits.clone(),
+            token: digest,
+        })
+    }
+}
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        let mut map = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = map.get_mut(&self.token) {
+            *running -= 1;
+            if *running == 0 {
+                map.remove(&self.token);
+            }
+        }
+    }
 }
 
 const INSTRUCTIONS: &str = "Manage PostgreSQL databases per environment through the \
@@ -60,6 +106,7 @@ impl LifecycleBridge {
             tools,
             service,
             credentials,
+            waits: Arc::default(),
         }
     }
 
@@ -85,7 +132,7 @@ impl LifecycleBridge {
                 .get::<http::request::Parts>()
                 .and_then(|parts| parts.headers.get(http::header::AUTHORIZATION))
                 .and_then(|value| value.to_str().ok())
-                .and_then(SecretToken::from_authorization_header)
+                .and_then(|value| SecretToken::from_authorization_header(value).ok())
                 // The HTTP layer already answers 401 without a token; this is a
                 // second line, so a missing token can never fall back to anything.
                 .ok_or_else(|| {
@@ -162,7 +209,7 @@ impl LifecycleBridge {
                 let body = proto::DescribeDatabaseRequest {
                     environment: args.environment.clone(),
                     database_name: args.database_name.clone(),
-                    project_id: String::new(),
+                    project_id: args.project_id.clone(),
                 };
                 let answer = self.service.describe(&token, &correlation_id, body).await;
                 Reply::from(answer.map(|a| self.lifecycle_success(a.body)))
@@ -171,7 +218,7 @@ impl LifecycleBridge {
                 let body = proto::CreateDatabaseRequest {
                     environment: args.environment.clone(),
                     database_name: args.database_name.clone(),
-                    project_id: String::new(),
+                    project_id: args.project_id.clone(),
                     dry_run: args.dry_run,
                 };
                 let answer = self.service.create(&token, &correlation_id, body).await;
@@ -202,7 +249,7 @@ impl LifecycleBridge {
         let body = proto::DeleteDatabaseRequest {
             environment: args.environment.clone(),
             database_name: args.database_name.clone(),
-            project_id: String::new(),
+            project_id: args.project_id.clone(),
             confirm_delete,
             dry_run,
         };
@@ -331,14 +378,36 @@ impl LifecycleBridge {
         let args = RequestStatusArgs::parse(params.arguments.as_ref(), &correlation_id)?;
         let token = self.token(context, &correlation_id)?;
         let progress_token = context.meta.get_progress_token();
+        let _slot = if args.wait_seconds > 0 {
+            Some(WaitSlot::take(&self.waits, &token).ok_or_else(|| {
+                ToolFailure::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "this token already has {MAX_WAITS_PER_TOKEN} waits running; let one \
+                         finish (or cancel it), or call with wait_seconds=0 to read the state now"
+                    ),
+                    &correlation_id,
+                )
+            })?)
+        } else {
+            None
+        };
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.wait_seconds);
         let mut polls: u64 = 0;
         loop {
             polls += 1;
+            // A poll may not push the answer far past the promised wait.
+            let poll_limit = if args.wait_seconds == 0 {
+                Duration::MAX
+            } else {
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1))
+            };
             let polled = self
                 .service
-                .get_request(&token, &correlation_id, &args.request_id)
+                .get_request(&token, &correlation_id, &args.request_id, poll_limit)
                 .await;
             let waited = started.elapsed().as_secs();
             let now = Instant::now();
@@ -348,14 +417,19 @@ impl LifecycleBridge {
                 // A service restart while waiting is not the agent's problem: keep
                 // polling until the deadline, then report the outage.
                 Err(failure) if failure.retryable() && !out_of_time => {
-                    self.progress(
-                        context,
-                        progress_token.as_ref(),
-                        waited,
-                        args.wait_seconds,
-                        format!("waiting: the service is unreachable ({})", failure.message),
-                    )
-                    .await;
+                    let reachable = self
+                        .progress(
+                            context,
+                            progress_token.as_ref(),
+                            waited,
+                            args.wait_seconds,
+                            format!("waiting: the service is unreachable ({})", failure.message),
+                        )
+                        .await;
+                    if !reachable {
+                        tracing::info!(correlation_id = %correlation_id, polls, "client gone: wait ended");
+                        return Err(failure);
+                    }
                     self.sleep_until_next_poll(context, deadline).await;
                     continue;
                 }
@@ -385,15 +459,21 @@ impl LifecycleBridge {
                 tracing::info!(correlation_id = %correlation_id, polls, state, "request status");
                 return Ok(success(&view));
             }
-            let message = RequestView::from_proto(request, waited).message;
-            self.progress(
-                context,
-                progress_token.as_ref(),
-                waited,
-                args.wait_seconds,
-                message,
-            )
-            .await;
+            let view = RequestView::from_proto(request, waited);
+            let reachable = self
+                .progress(
+                    context,
+                    progress_token.as_ref(),
+                    waited,
+                    args.wait_seconds,
+                    view.message.clone(),
+                )
+                .await;
+            if !reachable {
+                // Nobody is listening any more: answer (to no one) and stop polling.
+                tracing::info!(correlation_id = %correlation_id, polls, state, "client gone: wait ended");
+                return Ok(success(&view));
+            }
             self.sleep_until_next_poll(context, deadline).await;
         }
     }
@@ -412,6 +492,7 @@ impl LifecycleBridge {
     }
 
     /// A progress notification, when the client asked for them with a progress token.
+    /// False when it could not be delivered: the client is gone.
     async fn progress(
         &self,
         context: &RequestContext<RoleServer>,
@@ -419,14 +500,17 @@ impl LifecycleBridge {
         waited: u64,
         total: u64,
         message: String,
-    ) {
-        let Some(token) = token else { return };
+    ) -> bool {
+        let Some(token) = token else { return true };
         let mut param = ProgressNotificationParam::new(token.clone(), waited as f64);
         param.total = Some(total as f64);
         param.message = Some(message);
-        if let Err(e) = context.peer.notify_progress(param).await {
-            // The client may have gone away; waiting continues until the deadline.
-            tracing::debug!("progress notification not delivered: {e}");
+        match context.peer.notify_progress(param).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("progress notification not delivered: {e}");
+                false
+            }
         }
     }
 }

@@ -76,26 +76,55 @@ impl BridgeSettings {
     }
 }
 
+/// Longest bearer token the bridge forwards. Real tokens (static ones, run-token
+/// JWTs) are well under 1 KiB; a huge one would make the service's HTTP/2 layer
+/// refuse the header, or close the connection every agent shares.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// Why a bearer token was not taken (never quoting the token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenShapeError {
+    #[error("missing bearer token: send `Authorization: Bearer <your db-lifecycle token>`")]
+    Missing,
+    #[error("the token is longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLong,
+    #[error("the token has characters other than visible ASCII")]
+    BadCharacters,
+}
+
 /// A bearer token. Never printed: `Debug` and `Display` are redacted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretToken(String);
 
 impl SecretToken {
-    /// `None` for an empty or blank token.
-    pub fn new(raw: impl Into<String>) -> Option<Self> {
+    /// A token as given (surrounding whitespace trimmed): non-empty, at most
+    /// [`MAX_TOKEN_BYTES`], visible ASCII only (what a header can carry unchanged).
+    pub fn new(raw: impl Into<String>) -> Result<Self, TokenShapeError> {
         let raw = raw.into();
         let trimmed = raw.trim();
-        (!trimmed.is_empty()).then(|| Self(trimmed.to_string()))
+        if trimmed.is_empty() {
+            return Err(TokenShapeError::Missing);
+        }
+        if trimmed.len() > MAX_TOKEN_BYTES {
+            return Err(TokenShapeError::TooLong);
+        }
+        if !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenShapeError::BadCharacters);
+        }
+        Ok(Self(trimmed.to_string()))
     }
     /// The token itself, for the `authorization` metadata of a gRPC call only.
     pub fn expose(&self) -> &str {
         &self.0
     }
     /// Parse an `Authorization` header value: `Bearer <token>` (scheme case-insensitive).
-    pub fn from_authorization_header(value: &str) -> Option<Self> {
-        let (scheme, token) = value.trim().split_once(' ')?;
+    pub fn from_authorization_header(value: &str) -> Result<Self, TokenShapeError> {
+        let (scheme, token) = value
+            .trim()
+            .split_once(' ')
+            .ok_or(TokenShapeError::Missing)?;
         if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
+            return Err(TokenShapeError::Missing);
         }
         Self::new(token)
     }
@@ -125,10 +154,24 @@ mod tests {
     fn bearer_header_parsing() {
         let t = SecretToken::from_authorization_header("Bearer abc").unwrap();
         assert_eq!(t.expose(), "abc");
-        assert!(SecretToken::from_authorization_header("bearer  abc ").is_some());
-        assert!(SecretToken::from_authorization_header("Basic abc").is_none());
-        assert!(SecretToken::from_authorization_header("Bearer ").is_none());
-        assert!(SecretToken::from_authorization_header("Bearer").is_none());
+        assert!(SecretToken::from_authorization_header("bearer  abc ").is_ok());
+        assert!(SecretToken::from_authorization_header("Basic abc").is_err());
+        assert!(SecretToken::from_authorization_header("Bearer ").is_err());
+        assert!(SecretToken::from_authorization_header("Bearer").is_err());
+        let longest = "t".repeat(MAX_TOKEN_BYTES);
+        assert!(SecretToken::from_authorization_header(&format!("Bearer {longest}")).is_ok());
+        assert_eq!(
+            SecretToken::from_authorization_header(&format!("Bearer {longest}x")),
+            Err(TokenShapeError::TooLong)
+        );
+        assert_eq!(
+            SecretToken::new("ab\u{7f}c"),
+            Err(TokenShapeError::BadCharacters)
+        );
+        assert_eq!(
+            SecretToken::new("ab c"),
+            Err(TokenShapeError::BadCharacters)
+        );
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub struct LifecycleArgs {
     pub database_name: String,
     pub confirm_delete: bool,
     pub dry_run: bool,
+    /// Empty: the token's own project (the service's rule).
+    pub project_id: String,
 }
 
 /// Arguments of `database.request_status`, after shape checks.
@@ -80,14 +82,30 @@ struct RawLifecycleArgs {
     confirm_delete: bool,
     #[serde(default)]
     dry_run: bool,
+    #[serde(default)]
+    project_id: String,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRequestStatusArgs {
     request_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_seconds")]
     wait_seconds: u64,
+}
+
+/// A JSON Schema `integer` may be written `2.0`; accept it, refuse `2.5` and negatives.
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(n) = number.as_u64() {
+        return Ok(n);
+    }
+    match number.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => Ok(f as u64),
+        _ => Err(serde::de::Error::custom(format!(
+            "wait_seconds must be a whole number of seconds from 0, not {number}"
+        ))),
+    }
 }
 
 fn object(value: Value) -> Arc<JsonObject> {
@@ -226,7 +244,14 @@ fn lifecycle_tool(
                 "type": "boolean",
                 "default": false,
                 "description": "Run every check and report what would happen; store and change \
-                                nothing. Ignored by describe."
+                                nothing. A delete dry run also needs confirm_delete=true. \
+                                Ignored by describe."
+            },
+            "project_id": {
+                "type": "string",
+                "description": "Leave it out: your token's project is used. Needed only when \
+                                your token covers several projects; the service refuses a \
+                                project outside your token's scope."
             }
         },
         "required": ["action", "environment", "database_name"],
@@ -349,6 +374,7 @@ impl LifecycleArgs {
             database_name: raw.database_name,
             confirm_delete: raw.confirm_delete,
             dry_run: raw.dry_run,
+            project_id: raw.project_id,
         })
     }
 }
@@ -471,5 +497,19 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.code, Code::InvalidArgument);
+        let whole = RequestStatusArgs::parse(
+            args(json!({"request_id": "r", "wait_seconds": 2.0})).as_ref(),
+            "c",
+        )
+        .unwrap();
+        assert_eq!(whole.wait_seconds, 2);
+        for bad in [json!(2.5), json!(-1), json!("2"), json!(1e30)] {
+            let e = RequestStatusArgs::parse(
+                args(json!({"request_id": "r", "wait_seconds": bad})).as_ref(),
+                "c",
+            )
+            .unwrap_err();
+            assert_eq!(e.code, Code::InvalidArgument, "{bad}");
+        }
     }
 }

@@ -30,7 +30,7 @@ async def test_tools_are_listed_with_schemas_and_honest_annotations(connect) -> 
 
     lifecycle_tool = tools[LIFECYCLE]
     props = lifecycle_tool.input_schema["properties"]
-    assert set(props) == {"action", "environment", "database_name", "confirm_delete", "dry_run"}
+    assert set(props) == {"action", "environment", "database_name", "confirm_delete", "dry_run", "project_id"}
     assert props["action"]["enum"] == ["create", "delete", "describe"]
     for name, prop in props.items():
         assert prop.get("description"), f"argument {name} is not documented"
