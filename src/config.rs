@@ -710,12 +710,11 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
 
     let mut principals = Vec::new();
     let mut seen_ids = BTreeSet::new();
+    let mut seen_tokens = std::collections::HashMap::new();
     for (i, p) in file.principals.into_iter().enumerate() {
         let key = format!("principals[{i}]");
-        if p.id.trim().is_empty() {
-            return Err(invalid(format!("{key}.id"), "must not be empty"));
-        }
-        if !seen_ids.insert(p.id.clone()) {
+        crate::policy::validate_principal_id(&p.id).map_err(|m| invalid(format!("{key}.id"), m))?;
+        if !seen_ids.insert(p.id.to_lowercase()) {
             return Err(invalid(
                 format!("{key}.id"),
                 format!("duplicate id `{}`", p.id),
@@ -730,6 +729,16 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
                     "must be 64 hex characters (SHA-256 of the token)",
                 )
             })?;
+        // One token, two principals: whichever the lookup kept would silently win
+        // (an agent's token turning into an owner's, or the reverse).
+        if let Some(first) = seen_tokens.insert(raw, p.id.clone()) {
+            return Err(invalid(
+                format!("{key}.token_sha256"),
+                format!(
+                    "the same token as principal `{first}`; every principal needs its own token"
+                ),
+            ));
+        }
         for project in &p.projects {
             if project != "*" {
                 crate::policy::validate_project_format(project)
@@ -852,6 +861,60 @@ mod tests {
         assert!(
             err.contains("principals[0].kind") || err.contains("principals.0.kind"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn principals_need_their_own_token_and_an_id_of_their_own() {
+        let principal = |id: &str, hash: &str| {
+            format!("[[principals]]\nid = \"{id}\"\nkind = \"human\"\ntoken_sha256 = \"{hash}\"\n")
+        };
+        let one = "11".repeat(32);
+        let two = "22".repeat(32);
+        let text = format!(
+            "{}{}{}",
+            base(),
+            principal("alice", &one),
+            principal("ci-bot", &one)
+        );
+        let err = Config::from_toml(&text, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("principals[1].token_sha256"), "{err}");
+        assert!(err.contains("`alice`"), "{err}");
+        // Case-insensitive duplicates and the service's own actor ids are refused.
+        for (second, key) in [
+            ("ALICE", "principals[1].id"),
+            ("db-lifecycle", "principals[1].id"),
+            ("DB-Lifecycle", "principals[1].id"),
+            ("policy:none", "principals[1].id"),
+            ("system:x", "principals[1].id"),
+            ("bob\u{200b}", "principals[1].id"),
+            (" bob", "principals[1].id"),
+        ] {
+            let text = format!(
+                "{}{}{}",
+                base(),
+                principal("alice", &one),
+                principal(second, &two)
+            );
+            let err = Config::from_toml(&text, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{second:?}: {err}");
+        }
+        let text = format!(
+            "{}{}{}",
+            base(),
+            principal("alice", &one),
+            principal("bob", &two)
+        );
+        assert_eq!(
+            Config::from_toml(&text, &Overrides::default())
+                .unwrap()
+                .principals
+                .len(),
+            2
         );
     }
 

@@ -84,6 +84,12 @@ pub enum ServiceError {
     #[error("service is shutting down; retry on another replica")]
     ShuttingDown,
 
+    /// A call the gRPC layer could not take as it was sent (an unknown method, an
+    /// unsupported compression, a malformed frame), with the code the gRPC spec
+    /// asks for.
+    #[error("{message}")]
+    Protocol { code: Code, message: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -111,6 +117,7 @@ impl ServiceError {
             MetadataUnavailable { .. } | TargetUnavailable { .. } | ShuttingDown => {
                 Code::Unavailable
             }
+            Protocol { code, .. } => *code,
             Internal(_) => Code::Internal,
         }
     }

@@ -106,8 +106,14 @@ pub async fn run(
     if let Some(rt) = &config.run_tokens {
         info!(issuer = %rt.issuer, audience = %rt.audience, max_ttl = ?rt.max_ttl, "run tokens accepted");
     }
-    let grpc = DatabaseLifecycleServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    // Library refusals (message too large, undecodable) become audited INVALID_ARGUMENT.
+    // gzip is accepted (clients such as grpcio turn it on) and used for answers to
+    // clients that accept it; the size limit applies after decompression.
+    let grpc = DatabaseLifecycleServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    // Refusals of the gRPC library (message too large, undecodable, unknown method)
+    // are audited like every refusal; malformed messages become INVALID_ARGUMENT.
     let guarded = Guarded::new(WireErrors::new(grpc, audit.clone()), auth, audit);
 
     let (health, health_service) = tonic_health::server::health_reporter();

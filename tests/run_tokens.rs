@@ -260,6 +260,26 @@ async fn bad_run_tokens_are_unauthenticated_and_audited_without_the_token() {
             "configured principal",
         ),
         (
+            "subject of a configured principal in other case",
+            sign(&with(|c| c["sub"] = OWNER_A.id.to_uppercase().into())),
+            "configured principal",
+        ),
+        (
+            "the service's own actor id",
+            sign(&with(|c| c["sub"] = "db-lifecycle".into())),
+            "reserved",
+        ),
+        (
+            "the actor of approval mode none",
+            sign(&with(|c| c["sub"] = "policy:none".into())),
+            "reserved",
+        ),
+        (
+            "a zero-width space in the subject",
+            sign(&with(|c| c["sub"] = "agent\u{200b}".into())),
+            "invisible",
+        ),
+        (
             "wrong audience",
             sign(&with(|c| c["aud"] = "another-service".into())),
             "audience",

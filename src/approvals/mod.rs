@@ -59,7 +59,7 @@ pub const FAULT_POINTS: [&str; 6] = [
     "before_finalize",
 ];
 
-const SYSTEM_ACTOR: &str = "db-lifecycle";
+const SYSTEM_ACTOR: &str = crate::policy::SYSTEM_ACTOR_ID;
 const SYSTEM_KIND: &str = "system";
 /// How long an Approve waits for another apply of the same database to finish.
 const APPLY_LOCK_TIMEOUT: &str = "30s";
@@ -257,7 +257,7 @@ impl Approvals {
                 "target_cluster": call.database.target,
                 "requested_by": ctx.principal.id,
             }),
-            decided_by: immediate.then(|| "policy:none".to_string()),
+            decided_by: immediate.then(|| crate::policy::POLICY_NONE_ACTOR_ID.to_string()),
             ttl_seconds: self.request_ttl.as_secs().max(1) as i64,
         };
         let mut created = base_event();
@@ -280,7 +280,7 @@ impl Approvals {
             let mut approved = base_event();
             approved.event_type = "request.approved";
             approved.request_id = Some(id);
-            approved.actor_id = "policy:none".into();
+            approved.actor_id = crate::policy::POLICY_NONE_ACTOR_ID.into();
             approved.actor_kind = SYSTEM_KIND.into();
             approved.message = "approval mode none: approved at once".into();
             events.push(approved);

@@ -87,6 +87,22 @@ impl RefusalBudget {
 }
 
 tokio::task_local! {
+    /// Set once a refusal of the current call has been handled by `Audit::refusal`,
+    /// so the wire layer knows which error responses nobody recorded.
+    static REFUSAL_HANDLED: std::cell::Cell<bool>;
+}
+
+/// Run a call's future and say whether it recorded its own refusal.
+pub async fn tracking_refusals<F: Future>(fut: F) -> (F::Output, bool) {
+    REFUSAL_HANDLED
+        .scope(std::cell::Cell::new(false), async move {
+            let out = fut.await;
+            (out, REFUSAL_HANDLED.with(|handled| handled.get()))
+        })
+        .await
+}
+
+tokio::task_local! {
     /// The principal a call runs as (set by the transport middleware for the whole
     /// call), so that events naming it as the actor also carry its run id.
     static CALLER: (String, Option<String>);
@@ -190,6 +206,7 @@ impl Audit {
         input: Value,
         subject: RefusalSubject,
     ) {
+        let _ = REFUSAL_HANDLED.try_with(|handled| handled.set(true));
         let mut payload = serde_json::json!({ "rpc": rpc, "input": input });
         if principal.is_none() {
             let budget = self

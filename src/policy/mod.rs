@@ -55,6 +55,39 @@ pub fn validate_project_format(project: &str) -> Result<(), String> {
     }
 }
 
+/// Actor ids the service writes into the audit trail itself. No principal may carry
+/// one: it would pose as the service there, and read the service's events as its own.
+pub const SYSTEM_ACTOR_ID: &str = "db-lifecycle";
+/// The actor of decisions taken by approval mode `none`.
+pub const POLICY_NONE_ACTOR_ID: &str = "policy:none";
+const MAX_PRINCIPAL_ID_CHARS: usize = 128;
+
+/// A principal id (configured, or a run token's subject): printable, no invisible or
+/// text-direction characters, no surrounding spaces, and not one of the service's
+/// own actor ids (compared case-insensitively, as a reader of the trail would).
+pub fn validate_principal_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty()
+        || id != id.trim()
+        || id.chars().count() > MAX_PRINCIPAL_ID_CHARS
+        || id
+            .chars()
+            .any(|c| c.is_control() || is_invisible_or_bidi(c))
+    {
+        return Err(format!(
+            "`{}` must be 1..={MAX_PRINCIPAL_ID_CHARS} printable characters, without surrounding spaces or invisible characters",
+            printable(id)
+        ));
+    }
+    let folded = id.to_lowercase();
+    if folded == SYSTEM_ACTOR_ID || folded.starts_with("policy:") || folded.starts_with("system:") {
+        return Err(format!(
+            "`{}` is reserved for the service's own entries in the audit trail (`{SYSTEM_ACTOR_ID}`, `policy:*`, `system:*`)",
+            printable(id)
+        ));
+    }
+    Ok(())
+}
+
 /// A short, printable rendering of untrusted input for messages and audit payloads:
 /// control characters escaped, at most 80 characters.
 pub fn printable(raw: &str) -> String {
@@ -75,7 +108,7 @@ pub fn printable(raw: &str) -> String {
 
 /// Unicode format characters (category Cf) and other invisible code points: they
 /// make two different names look identical or reorder what a reader sees.
-fn is_invisible_or_bidi(c: char) -> bool {
+pub fn is_invisible_or_bidi(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}'
         | '\u{17B5}' | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}'

@@ -807,7 +807,7 @@ fn expired_event(r: &ApprovalRequest) -> NewEvent {
         correlation_id: r.correlation_id.clone(),
         request_id: Some(r.id),
         event_type: "request.expired",
-        actor_id: "db-lifecycle".into(),
+        actor_id: crate::policy::SYSTEM_ACTOR_ID.into(),
         actor_kind: "system".into(),
         project_id: r.project_id.clone(),
         environment: r.environment.clone(),

@@ -126,6 +126,32 @@ impl LifecycleService {
         }
     }
 
+    /// A read-only query (WhoAmI, GetRequest, the List RPCs): answered, and recorded
+    /// as `query.answered` under the call's own correlation id. The event names no
+    /// request or project of its own (what was asked is in the payload), so reads
+    /// never show up in a request's trail, however often an agent polls it.
+    async fn answer_query<T>(
+        &self,
+        ctx: &CallContext,
+        rpc: &'static str,
+        input: Value,
+        subject: RefusalSubject,
+        result: Result<T, ServiceError>,
+        returned: impl FnOnce(&T) -> usize,
+    ) -> Result<Response<T>, Status> {
+        let result = match result {
+            Ok(body) => {
+                let mut ev = Audit::event(ctx, "query.answered");
+                ev.message = format!("{rpc} answered");
+                ev.payload =
+                    json!({ "rpc": rpc, "input": input.clone(), "returned": returned(&body) });
+                self.audit.record(&ev).await.map(|()| body)
+            }
+            Err(err) => Err(err),
+        };
+        self.respond(ctx, rpc, input, subject, result).await
+    }
+
     /// policy -> ownership -> handler, for create/delete/describe.
     async fn lifecycle(
         &self,
@@ -199,6 +225,14 @@ impl LifecycleService {
             return Err(ServiceError::invalid(
                 "reason",
                 "must not contain control characters",
+            ));
+        }
+        // Bidi overrides and invisible characters would let a reason show a reader
+        // something other than what is stored (or pass for "no reason" as text).
+        if reason.chars().any(crate::policy::is_invisible_or_bidi) {
+            return Err(ServiceError::invalid(
+                "reason",
+                "must not contain invisible or text-direction characters (zero-width, bidi overrides, ...)",
             ));
         }
         // The contract (proto): a reason is required when denying.
@@ -535,7 +569,7 @@ impl DatabaseLifecycle for LifecycleService {
             .get_request_inner(&ctx, &m.request_id, &mut subject)
             .await;
         let input = json!({ "request_id": printable(&m.request_id) });
-        self.respond(&ctx, "GetRequest", input, subject, result)
+        self.answer_query(&ctx, "GetRequest", input, subject, result, |_| 1)
             .await
     }
 
@@ -553,12 +587,13 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(
+        self.answer_query(
             &ctx,
             "ListRequests",
             input,
             RefusalSubject::default(),
             result,
+            |r| r.requests.len(),
         )
         .await
     }
@@ -578,8 +613,10 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(&ctx, "ListFlowEvents", input, subject, result)
-            .await
+        self.answer_query(&ctx, "ListFlowEvents", input, subject, result, |r| {
+            r.events.len()
+        })
+        .await
     }
 
     async fn list_databases(
@@ -596,12 +633,13 @@ impl DatabaseLifecycle for LifecycleService {
             ],
             &[],
         );
-        self.respond(
+        self.answer_query(
             &ctx,
             "ListDatabases",
             input,
             RefusalSubject::default(),
             result,
+            |r| r.databases.len(),
         )
         .await
     }
@@ -621,12 +659,13 @@ impl DatabaseLifecycle for LifecycleService {
             run_id: p.run_id.clone().unwrap_or_default(),
             correlation_id: ctx.correlation_id.clone(),
         };
-        self.respond(
+        self.answer_query(
             &ctx,
             "WhoAmI",
             Value::Null,
             RefusalSubject::default(),
             Ok(body),
+            |_| 1,
         )
         .await
     }

@@ -87,6 +87,9 @@ impl Authenticator {
             return Err(ServiceError::AmbiguousToken);
         }
         let value = value.to_str().map_err(|_| ServiceError::InvalidToken)?;
+        if value.trim().eq_ignore_ascii_case("bearer") {
+            return Err(ServiceError::MissingToken);
+        }
         let (scheme, token) = value
             .trim()
             .split_once(' ')
@@ -114,7 +117,14 @@ impl Authenticator {
                         })?;
                 // A run must not pass for a configured principal (a person, say): the
                 // audit trail and the four-eyes rule go by principal id.
-                if self.by_digest.values().any(|p| p.id == principal.id) {
+                // Compared case-insensitively: `ROOT` must not pass for `root` in
+                // the eyes of whoever reads the trail.
+                let run_id = principal.id.to_lowercase();
+                if self
+                    .by_digest
+                    .values()
+                    .any(|p| p.id.to_lowercase() == run_id)
+                {
                     return Err(ServiceError::InvalidRunToken {
                         reason: format!(
                             "subject `{}` is the id of a configured principal; run tokens need ids of their own",
@@ -215,10 +225,12 @@ where
                         format!("send one, of 1..={MAX_CORRELATION_LEN} characters of letters, digits, `-_.:/`"),
                     );
                     tracing::info!(code = "INVALID_ARGUMENT", "refused: {err}");
+                    // Recorded as the caller's when its token is good: such a refusal
+                    // is not an anonymous one and does not count against their budget.
                     audit
                         .refusal(
                             &correlation_id,
-                            None,
+                            authenticated.as_ref().ok(),
                             &method,
                             &err,
                             serde_json::Value::Null,

@@ -39,9 +39,12 @@ impl<S: NamedService> NamedService for WireErrors<S> {
     const NAME: &'static str = S::NAME;
 }
 
-/// The service's own error for a status tonic raised while reading the request, or
-/// None for any other status (those come from handlers, which audit their own).
-pub fn library_refusal(status: &tonic::Status) -> Option<ServiceError> {
+/// The service's own error for a status tonic raised while reading the request.
+/// Malformed requests become INVALID_ARGUMENT, the code the service uses for them;
+/// where the gRPC spec fixes another code (an unknown method, an unsupported
+/// compression, a compressed flag without an encoding) it is kept, with a message
+/// that says what to do.
+pub fn library_refusal(method: &str, status: &tonic::Status) -> Option<ServiceError> {
     let message = status.message();
     match status.code() {
         Code::OutOfRange if message.contains("message length too large") => {
@@ -52,12 +55,53 @@ pub fn library_refusal(status: &tonic::Status) -> Option<ServiceError> {
                 ),
             ))
         }
+        Code::ResourceExhausted if message.contains("exceeded while decompressing") => {
+            Some(ServiceError::invalid(
+                "request",
+                format!("the request message is too large once decompressed ({message})"),
+            ))
+        }
         Code::Internal if message.starts_with("failed to decode Protobuf message") => {
             Some(ServiceError::invalid(
                 "request",
                 format!("the request is not a valid protobuf message for this RPC ({message})"),
             ))
         }
+        Code::Internal if message.starts_with("Missing request message") => {
+            Some(ServiceError::invalid(
+                "request",
+                "the call carried no request message; send exactly one",
+            ))
+        }
+        Code::Internal if message.starts_with("Unexpected EOF decoding stream") => {
+            Some(ServiceError::invalid(
+                "request",
+                "the request message was cut off (its frame is shorter than its length prefix)",
+            ))
+        }
+        Code::Internal if message.starts_with("Error decompressing") => {
+            Some(ServiceError::invalid(
+                "request",
+                format!("the request message does not decompress ({message})"),
+            ))
+        }
+        Code::Internal if message.starts_with("protocol error:") => Some(ServiceError::Protocol {
+            code: Code::Internal,
+            message: format!("{message}; send the message uncompressed or set grpc-encoding"),
+        }),
+        Code::Unimplemented if message.starts_with("Content is compressed with") => {
+            Some(ServiceError::Protocol {
+                code: Code::Unimplemented,
+                message: format!("{message}; send it uncompressed or gzip-compressed"),
+            })
+        }
+        Code::Unimplemented if message.is_empty() => Some(ServiceError::Protocol {
+            code: Code::Unimplemented,
+            message: format!(
+                "unknown method `{}` of dblifecycle.v1.DatabaseLifecycle; `grpcurl describe` lists them",
+                crate::policy::printable(method)
+            ),
+        }),
         _ => None,
     }
 }
@@ -91,17 +135,25 @@ where
             .next()
             .unwrap_or_default()
             .to_string();
-        let fut = inner.call(req);
+        let fut = crate::audit::tracking_refusals(inner.call(req));
         Box::pin(async move {
-            let resp = fut.await?;
+            let (resp, recorded) = fut.await;
+            let resp = resp?;
+            if recorded {
+                return Ok(resp);
+            }
             // An error raised before the handler is a trailers-only response: its
             // status is in the headers.
-            let Some(err) = tonic::Status::from_header_map(resp.headers())
-                .as_ref()
-                .and_then(library_refusal)
+            let Some(status) =
+                tonic::Status::from_header_map(resp.headers()).filter(|s| s.code() != Code::Ok)
             else {
                 return Ok(resp);
             };
+            let mapped = library_refusal(&method, &status);
+            let err = mapped.clone().unwrap_or_else(|| ServiceError::Protocol {
+                code: status.code(),
+                message: status.message().to_string(),
+            });
             let correlation_id = ctx
                 .as_ref()
                 .map(|c| c.correlation_id.clone())
@@ -122,7 +174,12 @@ where
                     Default::default(),
                 )
                 .await;
-            Ok(err.to_status(&correlation_id).into_http::<Body>())
+            match mapped {
+                Some(err) => Ok(err.to_status(&correlation_id).into_http::<Body>()),
+                // Recorded, but answered as the library answered (its metadata, such
+                // as grpc-accept-encoding, included).
+                None => Ok(resp),
+            }
         })
     }
 }
@@ -136,16 +193,45 @@ mod tests {
         let too_large = tonic::Status::out_of_range(
             "Error, decoded message length too large: found 1048585 bytes, the limit is: 65536 bytes",
         );
-        let err = library_refusal(&too_large).unwrap();
+        let err = library_refusal("Create", &too_large).unwrap();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("65536"), "{err}");
 
         let undecodable = tonic::Status::internal(
             "failed to decode Protobuf message: CreateDatabaseRequest.database_name: invalid string value: data is not UTF-8 encoded",
         );
-        let err = library_refusal(&undecodable).unwrap();
+        let err = library_refusal("Create", &undecodable).unwrap();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("not UTF-8"), "{err}");
+
+        for (status, code) in [
+            (
+                tonic::Status::internal("Missing request message."),
+                Code::InvalidArgument,
+            ),
+            (
+                tonic::Status::internal("Unexpected EOF decoding stream."),
+                Code::InvalidArgument,
+            ),
+            (
+                tonic::Status::internal(
+                    "protocol error: received message with compressed-flag but no grpc-encoding was specified",
+                ),
+                Code::Internal,
+            ),
+            (
+                tonic::Status::unimplemented(
+                    "Content is compressed with `br` which isn't supported",
+                ),
+                Code::Unimplemented,
+            ),
+            (tonic::Status::unimplemented(""), Code::Unimplemented),
+        ] {
+            let err = library_refusal("Nope", &status).unwrap();
+            assert_eq!(err.code(), code, "{status:?}");
+        }
+        let unknown = library_refusal("Nope", &tonic::Status::unimplemented("")).unwrap();
+        assert!(unknown.to_string().contains("`Nope`"), "{unknown}");
 
         for other in [
             tonic::Status::internal("internal error: something else"),
@@ -153,7 +239,7 @@ mod tests {
             tonic::Status::unavailable("metadata database unavailable"),
             tonic::Status::invalid_argument("invalid database_name"),
         ] {
-            assert!(library_refusal(&other).is_none(), "{other:?}");
+            assert!(library_refusal("Create", &other).is_none(), "{other:?}");
         }
     }
 }
