@@ -218,10 +218,8 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
-    // Keepalive pings find peers that went away without closing (a node lost, a
-    // NAT entry dropped), so their connections do not hold slots forever.
-    // TLS is not configured here: `guarded_incoming` does the handshake, so that
-    // its deadline also covers the HTTP/2 preface sent inside TLS.
+    // TLS is not configured on the builder: `guarded_incoming` does the handshake,
+    // so that its deadline also covers the HTTP/2 preface sent inside TLS.
     let limits = Limits {
         max_connections: config.max_connections,
         max_connections_per_peer: config.max_connections_per_peer,
@@ -232,6 +230,8 @@ pub async fn run(
         limits,
         tls_config.map(tokio_rustls::TlsAcceptor::from),
     );
+    // Keepalive pings find peers that went away without closing (a node lost, a
+    // NAT entry dropped), so their connections do not hold slots forever.
     let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -75,7 +75,7 @@ pub fn server_tls_config(cfg: &TlsConfig) -> anyhow::Result<Arc<ServerConfig>> {
     };
     let mut config = builder.with_single_cert(chain, key).with_context(|| {
         format!(
-            "tls.key_file: {} does not match tls.cert_file {}",
+            "tls.key_file: {} cannot be used with tls.cert_file {}",
             cfg.key_file.display(),
             cfg.cert_file.display()
         )
