@@ -29,6 +29,11 @@ pub const DEFAULT_RUN_TOKEN_ISSUER: &str = "db-lifecycle";
 pub const DEFAULT_RUN_TOKEN_AUDIENCE: &str = "db-lifecycle";
 /// HS256 keys shorter than the hash output weaken the MAC (RFC 7518 §3.2).
 pub const MIN_RUN_TOKEN_SECRET_BYTES: usize = 32;
+/// Default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default `max_connections_per_peer` (lowered to `max_connections` when that is
+/// smaller): one host cannot take more than an eighth of the default cap.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -148,6 +153,7 @@ struct FileConfig {
     admin_pool_size: Option<usize>,
     metadata_pool_size: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
     #[serde(default)]
     names: NamesFile,
     #[serde(default)]
@@ -257,6 +263,9 @@ pub struct Config {
     pub metadata_pool_size: usize,
     /// Open gRPC connections accepted at once (more are closed on accept).
     pub max_connections: usize,
+    /// Open gRPC connections accepted at once from one peer IP address (more from
+    /// that address are closed on accept); at most `max_connections`.
+    pub max_connections_per_peer: usize,
     pub names: NameRulesConfig,
     /// Configured extra protected names (the built-in ones are added by policy).
     pub protected_databases: Vec<String>,
@@ -769,11 +778,25 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         ("admin_pool_size", file.admin_pool_size),
         ("metadata_pool_size", file.metadata_pool_size),
         ("max_connections", file.max_connections),
+        ("max_connections_per_peer", file.max_connections_per_peer),
     ] {
         if size == Some(0) {
             return Err(invalid(key, "must be at least 1"));
         }
     }
+    let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    // Unset, the per-peer cap follows a lower `max_connections` down; set, it must
+    // fit under it (a larger value would be a cap that never applies).
+    let max_connections_per_peer = match file.max_connections_per_peer {
+        None => DEFAULT_MAX_CONNECTIONS_PER_PEER.min(max_connections),
+        Some(n) if n > max_connections => {
+            return Err(invalid(
+                "max_connections_per_peer",
+                format!("must not exceed max_connections ({max_connections}), got {n}"),
+            ));
+        }
+        Some(n) => n,
+    };
     let request_ttl = file.request_ttl.unwrap_or(Duration::from_secs(24 * 3600));
     if request_ttl.is_zero() {
         return Err(invalid("request_ttl", "must be positive"));
@@ -789,7 +812,8 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         migrate_on_start: file.migrate_on_start.unwrap_or(true),
         admin_pool_size: file.admin_pool_size.unwrap_or(8),
         metadata_pool_size: file.metadata_pool_size.unwrap_or(24),
-        max_connections: file.max_connections.unwrap_or(512),
+        max_connections,
+        max_connections_per_peer,
         names,
         protected_databases: file.protected_databases,
         targets,
@@ -980,6 +1004,41 @@ mod tests {
         let err = Config::from_toml(base(), &ov).unwrap_err().to_string();
         assert!(err.contains(RUN_TOKEN_SECRET_VAR), "{err}");
         assert!(!format!("{ov:?}").contains("vvvv"));
+    }
+
+    #[test]
+    fn max_connections_per_peer_defaults_and_bounds() {
+        let parse =
+            |extra: &str| Config::from_toml(&format!("{}{extra}", base()), &Overrides::default());
+        let c = parse("").unwrap();
+        assert_eq!(c.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(c.max_connections_per_peer, DEFAULT_MAX_CONNECTIONS_PER_PEER);
+        // Unset, it follows a lower max_connections down.
+        let c = parse("max_connections = 3\n").unwrap();
+        assert_eq!(c.max_connections_per_peer, 3);
+        let c = parse("max_connections = 100\nmax_connections_per_peer = 100\n").unwrap();
+        assert_eq!(c.max_connections_per_peer, 100);
+        let c = parse("max_connections_per_peer = 1\n").unwrap();
+        assert_eq!(c.max_connections_per_peer, 1);
+        for (extra, want) in [
+            ("max_connections_per_peer = 0\n", "must be at least 1"),
+            (
+                "max_connections = 10\nmax_connections_per_peer = 11\n",
+                "must not exceed max_connections (10)",
+            ),
+            (
+                "max_connections_per_peer = 513\n",
+                "must not exceed max_connections (512)",
+            ),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains("max_connections_per_peer"), "{extra}: {err}");
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let err = parse("max_connections_per_peer = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_connections_per_peer"), "{err}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     repository::{Repository, migrate::migrate},
     transport::{
         grpc::LifecycleService,
-        incoming::{FIRST_BYTES_TIMEOUT, guarded_incoming},
+        incoming::{HANDSHAKE_TIMEOUT, Limits, guarded_incoming},
         middleware::{Authenticator, Guarded},
         tls,
         wire_errors::WireErrors,
@@ -201,7 +201,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let tls_mode = tls::mode(config.tls.as_ref());
-    info!(%addr, tls = %tls_mode, metadata = ?config.metadata_url, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
+    info!(%addr, tls = %tls_mode, max_connections = config.max_connections, max_connections_per_peer = config.max_connections_per_peer, metadata = ?config.metadata_url, targets = ?config.targets, environments = ?config.allowed_environments, "db-lifecycle listening");
     if tls_config.is_none() && !addr.ip().is_loopback() {
         warn!(%addr, "serving plaintext on a non-loopback address: bearer tokens cross the network in clear; configure [tls]");
     }
@@ -224,23 +224,28 @@ pub async fn run(
         let _ = stop_tx.send(true);
     };
 
+    // TLS is not configured on the builder: `guarded_incoming` does the handshake,
+    // so that its deadline also covers the HTTP/2 preface sent inside TLS.
+    let limits = Limits {
+        max_connections: config.max_connections,
+        max_connections_per_peer: config.max_connections_per_peer,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+    };
+    let incoming = guarded_incoming(
+        listener,
+        limits,
+        tls_config.map(tokio_rustls::TlsAcceptor::from),
+    );
     // Keepalive pings find peers that went away without closing (a node lost, a
     // NAT entry dropped), so their connections do not hold slots forever.
-    let mut builder = Server::builder()
+    let serve = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if let Some(tls_config) = tls_config {
-        builder = builder.tls_config(tls_config)?;
-    }
-    let serve = builder
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(guarded)
-        .serve_with_incoming_shutdown(
-            guarded_incoming(listener, config.max_connections, FIRST_BYTES_TIMEOUT),
-            stop_signal,
-        );
+        .serve_with_incoming_shutdown(incoming, stop_signal);
     // In-flight calls get `shutdown_grace` to finish; a client that keeps an idle
     // connection open must not hold the process forever.
     let grace = config.shutdown_grace;

@@ -883,3 +883,257 @@ async fn silent_connections_are_capped_and_closed() {
     }
     assert!(!served.expect("not served again").exists);
 }
+
+/// The HTTP/2 client preface.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame: with the preface, what a client must send in time.
+const EMPTY_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// Waits until the server closes the connection (EOF or reset), reading past
+/// whatever it sends first (its HTTP/2 settings); false if still open after `limit`.
+async fn closed_by_server(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: std::time::Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// WhoAmI for AGENT_A over `channel`.
+async fn who_am_i(
+    channel: tonic::transport::Channel,
+) -> Result<db_lifecycle::proto::WhoAmIResponse, Status> {
+    let mut client =
+        db_lifecycle::proto::database_lifecycle_client::DatabaseLifecycleClient::new(channel);
+    let mut request = tonic::Request::new(db_lifecycle::proto::WhoAmIRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", AGENT_A.token).parse().unwrap(),
+    );
+    client.who_am_i(request).await.map(|r| r.into_inner())
+}
+
+/// Clients that send one byte and then trickle the HTTP/2 preface a byte a second
+/// (never all of it): they can fill the slots, but the handshake deadline counts
+/// from accept and is not reset by their bytes, so the server closes them and then
+/// serves real calls again by itself.
+#[tokio::test]
+async fn a_trickle_of_bytes_does_not_hold_connections_past_the_deadline() {
+    use tokio::io::AsyncWriteExt;
+    const MAX: usize = 6;
+    let server = TestServer::start_with(Options {
+        extra_toml: format!("max_connections = {MAX}\n"),
+        ..Default::default()
+    })
+    .await;
+    // One byte `P` per connection until a real client is refused (the harness's
+    // own connection may still hold a slot for a moment).
+    let mut trickles = Vec::new();
+    let mut refused = false;
+    for _ in 0..MAX + 10 {
+        let mut conn = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+        let _ = conn.write_all(&HTTP2_PREFACE[..1]).await;
+        trickles.push(conn);
+        if trickles.len() >= MAX && server.health().await.is_none() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the trickling connections never filled the slots");
+    assert!(server.log().contains("too many open connections"));
+
+    // Each keeps trickling (up to 20 of the preface's 24 bytes, one a second) until
+    // the server closes it.
+    let tasks: Vec<_> = trickles
+        .into_iter()
+        .map(|conn| {
+            tokio::spawn(async move {
+                let (mut read, mut write) = conn.into_split();
+                let trickle = async {
+                    for byte in &HTTP2_PREFACE[1..20] {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        if write.write_all(std::slice::from_ref(byte)).await.is_err() {
+                            break;
+                        }
+                    }
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    _ = trickle => unreachable!(),
+                    closed = closed_by_server(&mut read, std::time::Duration::from_secs(60)) => closed,
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert!(
+            task.await.unwrap(),
+            "a trickling connection was never closed"
+        );
+    }
+
+    // Real clients are served again, without a restart.
+    assert!(
+        server
+            .wait_health(true, std::time::Duration::from_secs(60))
+            .await,
+        "health never answered again"
+    );
+    let who = who_am_i(server.channel().await).await;
+    assert_eq!(who.expect("WhoAmI").principal_id, AGENT_A.id);
+}
+
+/// A TCP connection to `addr` from the loopback address `source`.
+async fn connect_from(source: &str, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    socket.connect(addr.parse().unwrap()).await
+}
+
+/// A connection from `source` that sends the HTTP/2 preface and an empty SETTINGS
+/// frame, then nothing: Some once the server has answered (its own settings), None
+/// when the server closed it instead.
+async fn idle_h2_connection(source: &str, addr: &str) -> Option<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = connect_from(source, addr).await.unwrap();
+    // Writing may already fail when the server has closed the connection.
+    let _ = conn
+        .write_all(&[HTTP2_PREFACE, EMPTY_SETTINGS].concat())
+        .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("the server neither answered nor closed the connection");
+    match read {
+        Ok(n) if n > 0 => Some(conn),
+        _ => None,
+    }
+}
+
+/// A gRPC channel whose connections come from the loopback address `source`.
+async fn channel_from(source: &'static str, addr: &str) -> tonic::transport::Channel {
+    let target: String = addr.to_string();
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let target = target.clone();
+            async move {
+                connect_from(source, &target)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("connect from another peer address")
+}
+
+/// One host holding `max_connections_per_peer` idle connections (HTTP/2 preface
+/// sent, so past the handshake deadline's reach) gets its next connection closed at
+/// once, with a WARN naming it and the limit; another host is served as before, and
+/// the host gets its slots back as its connections close.
+#[tokio::test]
+async fn one_peer_cannot_take_more_than_its_share_of_connections() {
+    const PER_PEER: usize = 4;
+    let server = TestServer::start_with(Options {
+        extra_toml: format!("max_connections = 32\nmax_connections_per_peer = {PER_PEER}\n"),
+        ..Default::default()
+    })
+    .await;
+    let addr = server.addr.clone();
+    // Hold PER_PEER from 127.0.0.1 (the harness's own connection from there may
+    // still hold a slot for a moment; then retry).
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if held.len() == PER_PEER {
+            break;
+        }
+        match idle_h2_connection("127.0.0.1", &addr).await {
+            Some(conn) => held.push(conn),
+            None => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(
+        held.len(),
+        PER_PEER,
+        "could not open {PER_PEER} connections"
+    );
+
+    // The next from 127.0.0.1 is closed at once, and a real call from there fails.
+    assert!(
+        idle_h2_connection("127.0.0.1", &addr).await.is_none(),
+        "a connection over the per-peer cap was served"
+    );
+    assert_eq!(
+        server.health().await,
+        None,
+        "a call over the cap was served"
+    );
+    assert!(
+        server
+            .wait_for_log(
+                "too many open connections from this peer",
+                std::time::Duration::from_secs(5)
+            )
+            .await,
+        "{}",
+        server.log()
+    );
+    let line = server
+        .log()
+        .lines()
+        .find(|l| l.contains("too many open connections from this peer"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("127.0.0.1"), "{line}");
+    assert!(
+        line.contains(&format!("max_connections_per_peer={PER_PEER}")),
+        "{line}"
+    );
+
+    // Another peer is unaffected: a real call from 127.0.0.2 works, while it holds
+    // as many connections as 127.0.0.1.
+    let mut others = Vec::new();
+    for _ in 1..PER_PEER {
+        others.push(
+            idle_h2_connection("127.0.0.2", &addr)
+                .await
+                .expect("127.0.0.2 refused"),
+        );
+    }
+    let who = who_am_i(channel_from("127.0.0.2", &addr).await).await;
+    assert_eq!(who.expect("WhoAmI from 127.0.0.2").principal_id, AGENT_A.id);
+    drop(others);
+
+    // Closing one of the held connections gives 127.0.0.1 its slot back.
+    drop(held.pop());
+    let mut served = None;
+    for _ in 0..100 {
+        served = idle_h2_connection("127.0.0.1", &addr).await;
+        if served.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        served.is_some(),
+        "the closed connection's slot was not released"
+    );
+    drop(served);
+    drop(held);
+    assert!(
+        server
+            .wait_health(true, std::time::Duration::from_secs(30))
+            .await,
+        "127.0.0.1 not served after closing its connections"
+    );
+}

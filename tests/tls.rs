@@ -291,3 +291,58 @@ async fn bad_tls_files_stop_the_server_at_start_naming_the_key() {
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
 }
+
+/// The handshake deadline also covers what comes after the TLS handshake: a client
+/// that completes it and then sends nothing (no HTTP/2 preface, over which hyper
+/// would never ping it) is closed, like a silent plaintext one; the server keeps
+/// serving. The listener offers HTTP/2 by ALPN.
+#[tokio::test]
+async fn a_client_silent_after_the_tls_handshake_is_closed() {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("db-lifecycle test CA");
+    let server = TestServer::start_with(Options {
+        extra_toml: tls_toml(dir.path(), &ca, None),
+        client_tls: Some(trusting(&ca)),
+        ..Default::default()
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(&server.addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // Send nothing more: the server closes the connection (EOF or an error).
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a client silent after the TLS handshake was never closed"
+    );
+    assert_eq!(probe(&server.addr, Some(trusting(&ca))).await, Ok(1));
+}
