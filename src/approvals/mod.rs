@@ -21,7 +21,7 @@ use crate::{
     error::ServiceError,
     ownership::{OwnedCall, Plan},
     policy::Policy,
-    repository::{InsertOutcome, NewRequest, Repository},
+    repository::{InsertOutcome, LockWait, NewRequest, Repository},
 };
 
 /// Test-only fault injection: named points between the steps of an apply, enabled
@@ -548,43 +548,29 @@ impl Approvals {
             .transaction()
             .await
             .map_err(ServiceError::metadata)?;
-        let key = format!("db-lifecycle/{}/{}", req.target_cluster, req.database_name);
-        if wait_for_lock {
-            lock_tx
-                .batch_execute(&format!("SET LOCAL lock_timeout = '{APPLY_LOCK_TIMEOUT}'"))
-                .await
-                .map_err(ServiceError::metadata)?;
-            lock_tx
-                .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
-                .await
-                .map_err(|e| {
-                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                        ServiceError::MetadataUnavailable {
-                            detail: format!(
-                                "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
-                                req.database_name
-                            ),
-                        }
-                    } else {
-                        ServiceError::metadata(e)
-                    }
-                })?;
+        let wait = if wait_for_lock {
+            LockWait::Wait(APPLY_LOCK_TIMEOUT)
         } else {
-            let got: bool = lock_tx
-                .query_one(
-                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
-                .map_err(ServiceError::metadata)?
-                .get(0);
-            if !got {
-                return Ok(LifecycleOutcome::for_request(
-                    &req,
-                    "in_progress",
-                    "apply running elsewhere".into(),
-                ));
-            }
+            LockWait::Try
+        };
+        let locked = self
+            .repo
+            .take_apply_lock(&lock_tx, &req.target_cluster, &req.database_name, wait)
+            .await?;
+        if !locked && wait_for_lock {
+            return Err(ServiceError::MetadataUnavailable {
+                detail: format!(
+                    "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
+                    req.database_name
+                ),
+            });
+        }
+        if !locked {
+            return Ok(LifecycleOutcome::for_request(
+                &req,
+                "in_progress",
+                "apply running elsewhere".into(),
+            ));
         }
         // Re-read under the lock: another replica may have finished it meanwhile.
         let current =
