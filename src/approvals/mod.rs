@@ -90,6 +90,9 @@ enum Effect {
     Dropped {
         already_gone: bool,
         resumed: bool,
+        /// The re-check refused the request when it was resumed, after its earlier
+        /// attempt had dropped the database: only the ownership row is removed.
+        refused_at_resume: Option<String>,
     },
 }
 
@@ -599,7 +602,10 @@ impl Approvals {
     /// The effects, each idempotent, in an order that keeps database and ownership row
     /// in agreement across a crash: the ownership intent is written first.
     async fn apply_steps(&self, req: &ApprovalRequest) -> Result<Effect, ServiceError> {
-        let db = self.policy.recheck_for_apply(req)?;
+        let db = match self.policy.recheck_for_apply(req) {
+            Ok(db) => db,
+            Err(refused) => return self.refused_at_apply(req, refused).await,
+        };
         let target = &db.target;
         let own = self.repo.ownership(target, db.name.as_str()).await?;
         // This request's intent is already written: an earlier attempt of this very
@@ -704,6 +710,106 @@ impl Approvals {
                 Ok(Effect::Dropped {
                     already_gone: !existed,
                     resumed,
+                    refused_at_resume: None,
+                })
+            }
+            Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
+        }
+    }
+
+    /// The re-check at apply time refused the request (the configuration changed
+    /// since it was approved: environment no longer allowed, name now protected or
+    /// outside the name rules, environment moved to another target). Nothing more is
+    /// done for it, and what this request's own interrupted earlier attempt left on
+    /// the way is settled so that no database is left without an active ownership
+    /// row and no row without its database:
+    ///
+    /// * create: the staging database, the database it renamed into place (the one
+    ///   whose oid its `creating` row recorded) and the `creating` row are removed;
+    ///   the request fails with the re-check's reason. A database under the name
+    ///   that the row does not identify is someone else's and is left alone; an
+    ///   `active` row (a re-create after drift) is left as it is.
+    /// * delete: a database still there is never dropped now; its `deleting` row goes
+    ///   back to `active` and the request fails. A database already dropped by the
+    ///   earlier attempt cannot be brought back: its row is removed and the request
+    ///   ends `applied`, saying so.
+    ///
+    /// When the earlier attempt touched nothing yet (no intent row of this request),
+    /// the target is not contacted and the request fails. When the request's target
+    /// is not configured on this replica, nothing can be checked or undone: the
+    /// request stays `approved` (deferred) for a replica that has the target.
+    async fn refused_at_apply(
+        &self,
+        req: &ApprovalRequest,
+        refused: ServiceError,
+    ) -> Result<Effect, ServiceError> {
+        let target = &req.target_cluster;
+        let own = self
+            .repo
+            .ownership(target, &req.database_name)
+            .await?
+            .filter(|o| o.request_id == Some(req.id) && o.project_id == req.project_id);
+        let Some(own) = own else {
+            return Err(refused);
+        };
+        if !self.admin.has_target(target) {
+            return Err(ServiceError::TargetUnavailable {
+                target: target.clone(),
+                detail: format!(
+                    "the target is not configured on this replica, and an interrupted earlier attempt of request {} left its `{}` intent there ({refused}); a replica configured with the target must finish or undo it",
+                    req.id, own.state
+                ),
+            });
+        }
+        let name = self.policy.stored_name(req)?;
+        match req.action {
+            Action::Create => {
+                let staging = DatabaseName::staging_for(req.id);
+                let staging_dropped = self.admin.drop_database(target, &staging).await?;
+                let mut renamed_dropped = false;
+                let mut intent_removed = false;
+                if own.state == "creating" {
+                    let current = self.admin.oid(target, &name).await?;
+                    if current.is_some() && own.database_oid == current.map(i64::from) {
+                        // Renamed into place by this very request, never reported
+                        // applied: its own database, identified by oid.
+                        renamed_dropped = self.admin.drop_database(target, &name).await?;
+                    }
+                    self.repo.drop_creating_intent(req).await?;
+                    intent_removed = true;
+                }
+                warn!(request_id = %req.id, database = %req.database_name, staging_dropped, renamed_dropped, intent_removed, "re-check at apply refused a resumed create ({refused}); its interrupted attempt is undone");
+                let mut ev =
+                    Audit::request_event(req, "apply.rolled_back", SYSTEM_ACTOR, SYSTEM_KIND);
+                ev.message = format!(
+                    "the re-check at apply refused this request ({refused}); what its interrupted earlier attempt made is removed"
+                );
+                ev.payload = json!({
+                    "staging_database_dropped": staging_dropped,
+                    "renamed_database_dropped": renamed_dropped,
+                    "intent_removed": intent_removed,
+                });
+                self.audit.record(&ev).await?;
+                Err(refused)
+            }
+            Action::Delete => {
+                if own.state != "deleting" {
+                    return Err(refused);
+                }
+                let current = self.admin.oid(target, &name).await?;
+                let still_there = current.is_some()
+                    && own
+                        .database_oid
+                        .is_none_or(|recorded| Some(recorded) == current.map(i64::from));
+                if still_there {
+                    // Not dropped yet, and not dropped now: `finish` puts the row
+                    // back to `active`.
+                    return Err(refused);
+                }
+                Ok(Effect::Dropped {
+                    already_gone: true,
+                    resumed: true,
+                    refused_at_resume: Some(refused.to_string()),
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
@@ -780,9 +886,15 @@ impl Approvals {
                     Effect::Dropped {
                         already_gone,
                         resumed,
+                        refused_at_resume,
                     } => {
                         self.repo.remove_ownership(&tx, req).await?;
-                        let message = if *already_gone && *resumed {
+                        let message = if let Some(refused) = refused_at_resume {
+                            format!(
+                                "database `{}` had already been dropped by an interrupted earlier attempt of this request (or outside the service); its ownership row is removed. The re-check when resuming refused the request ({refused}), so nothing else was done",
+                                req.database_name
+                            )
+                        } else if *already_gone && *resumed {
                             format!(
                                 "database `{}` was already gone (an interrupted earlier attempt of this request dropped it, or it was dropped outside the service); ownership row removed",
                                 req.database_name
@@ -800,7 +912,7 @@ impl Approvals {
                         };
                         (
                             message,
-                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed }),
+                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume }),
                         )
                     }
                 };
