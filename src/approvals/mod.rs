@@ -523,6 +523,13 @@ impl Approvals {
     /// Apply an approved request. Runs in its own task so that a caller hanging up
     /// cannot cut an apply in half; `wait_for_lock=false` skips a database whose
     /// apply is running elsewhere (recovery).
+    ///
+    /// The request is already `approved` (the decision, or mode `none`'s storing, is
+    /// committed), so a transient failure anywhere in the apply (no lock connection,
+    /// the metadata database or target not answering, the apply lock held too long)
+    /// is not reported as an error, which would read as "the decision failed": the
+    /// answer is `in_progress` with the request approved, and the apply is deferred
+    /// to the recovery loop (see [`Self::deferred`]).
     pub async fn apply(
         &self,
         req: ApprovalRequest,
@@ -530,12 +537,49 @@ impl Approvals {
     ) -> Result<LifecycleOutcome, ServiceError> {
         let this = self.clone();
         let id = req.id;
-        tokio::spawn(
+        let claimed = req.clone();
+        let result = tokio::spawn(
             async move { this.apply_locked(req, wait_for_lock).await }
                 .instrument(tracing::Span::current()),
         )
         .await
-        .map_err(|e| ServiceError::Internal(format!("apply task for {id} failed: {e}")))?
+        .map_err(|e| ServiceError::Internal(format!("apply task for {id} failed: {e}")))?;
+        match result {
+            Err(e) if e.is_transient() => Ok(self.deferred(&claimed, &e).await),
+            other => other,
+        }
+    }
+
+    /// An apply that could not run or finish for a transient reason: the request
+    /// stays `approved`, `apply.deferred` is recorded, and the recovery loop of any
+    /// replica applies it later. If the metadata database itself is what failed, the
+    /// event may not be writable: that is logged, and the recovery loop picks the
+    /// request up all the same (it looks for `approved` requests, not for events).
+    async fn deferred(&self, req: &ApprovalRequest, cause: &ServiceError) -> LifecycleOutcome {
+        // A failure while committing the final state may hide a commit that did
+        // happen: then the final state is reported, and nothing is deferred.
+        if let Ok(Some(current)) = self.repo.get_request(req.id).await
+            && current.state != ApprovalState::Approved
+        {
+            return self.report(&current);
+        }
+        warn!(request_id = %req.id, error = %cause, "apply deferred; will retry");
+        let _ = self.repo.note_apply_attempt(req.id).await;
+        let mut ev = Audit::request_event(req, "apply.deferred", SYSTEM_ACTOR, SYSTEM_KIND);
+        ev.outcome = "error";
+        ev.status_code = crate::error::code_name(cause.code()).into();
+        ev.message = format!("{cause}; the request stays approved and will be retried");
+        if let Err(e) = self.audit.record(&ev).await {
+            warn!(request_id = %req.id, error = %e, "could not record apply.deferred; the recovery loop retries the request all the same");
+        }
+        LifecycleOutcome::for_request(
+            req,
+            "in_progress",
+            format!(
+                "request {} is approved; its apply could not run yet ({cause}); the request stays approved and its apply will be retried automatically",
+                req.id
+            ),
+        )
     }
 
     async fn apply_locked(
@@ -829,29 +873,16 @@ impl Approvals {
     }
 
     /// Write the final state, the ownership change and the terminal event in one
-    /// transaction. A transient error leaves the request approved for a retry.
+    /// transaction. A transient error is handed back as it is: the request stays
+    /// approved, and [`Self::apply`] defers it.
     async fn finish(
         &self,
         req: &ApprovalRequest,
         result: Result<Effect, ServiceError>,
     ) -> Result<LifecycleOutcome, ServiceError> {
         let effect = match result {
-            Err(e) if e.is_transient() => {
-                warn!(request_id = %req.id, error = %e, "apply deferred; will retry");
-                let _ = self.repo.note_apply_attempt(req.id).await;
-                let mut ev = Audit::request_event(req, "apply.deferred", SYSTEM_ACTOR, SYSTEM_KIND);
-                ev.outcome = "error";
-                ev.status_code = crate::error::code_name(e.code()).into();
-                ev.message = format!("{e}; the request stays approved and will be retried");
-                let _ = self.audit.record(&ev).await;
-                return Err(ServiceError::TargetUnavailable {
-                    target: req.target_cluster.clone(),
-                    detail: format!(
-                        "request {} is approved but could not be applied yet ({e}); it will be retried automatically",
-                        req.id
-                    ),
-                });
-            }
+            // Deferred by `apply`: the request stays approved for a retry.
+            Err(e) if e.is_transient() => return Err(e),
             other => other,
         };
         let mut client = self.repo.client().await?;
@@ -1019,7 +1050,7 @@ impl Approvals {
             match self.apply(req, false).instrument(span).await {
                 Ok(out) if out.status != "in_progress" => driven += 1,
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "recovery apply deferred"),
+                Err(e) => warn!(error = %e, "recovery apply failed; will retry"),
             }
         }
         Ok(driven)
