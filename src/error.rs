@@ -81,6 +81,9 @@ pub enum ServiceError {
     MetadataUnavailable { detail: String },
     #[error("target cluster `{target}` unavailable: {detail}; retry later")]
     TargetUnavailable { target: String, detail: String },
+    /// A call had to wait for an apply of the same database that is still running.
+    #[error("database `{name}` is being changed by an apply that is still running; retry later")]
+    ApplyBusy { name: String },
     #[error("service is shutting down; retry on another replica")]
     ShuttingDown,
 
@@ -114,9 +117,10 @@ impl ServiceError {
             RequestNotFound { .. } | UnmanagedDatabase { .. } | DatabaseNotFound { .. } => {
                 Code::NotFound
             }
-            MetadataUnavailable { .. } | TargetUnavailable { .. } | ShuttingDown => {
-                Code::Unavailable
-            }
+            MetadataUnavailable { .. }
+            | TargetUnavailable { .. }
+            | ApplyBusy { .. }
+            | ShuttingDown => Code::Unavailable,
             Protocol { code, .. } => *code,
             Internal(_) => Code::Internal,
         }

@@ -1122,3 +1122,80 @@ async fn an_expired_request_cannot_be_decided_and_frees_the_name() {
     assert_eq!(again.status, "approval_required", "{}", again.message);
     assert_ne!(again.request_id, rid);
 }
+
+/// Once the decision is committed, a transient failure of the apply does not make
+/// the Approve look failed: the caller is told the request is approved and its
+/// apply will be retried (OK, `in_progress`, APPROVED), `apply.deferred` is
+/// recorded, and the recovery loop applies it. Made deterministic with a metadata
+/// pool of one connection (so one lock connection) that an apply parked at a
+/// test-only fault point holds: the second apply cannot get a lock connection.
+#[tokio::test]
+async fn approve_whose_apply_cannot_start_is_answered_approved_and_deferred() {
+    let mut server = TestServer::start_with(Options {
+        extra_toml: "metadata_pool_size = 1\nfault_points = [\"after_claim\"]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let agent = server.as_(&AGENT_A).await;
+    let (held, deferred) = (unique("ap_held"), unique("ap_deferred"));
+    let held_id = agent.create("dev", &held).await.unwrap().request_id;
+    let deferred_id = agent.create("dev", &deferred).await.unwrap().request_id;
+    let owner = server.as_(&OWNER_A).await;
+    let parked = {
+        let (owner, id) = (owner.clone(), held_id.clone());
+        tokio::spawn(async move { owner.approve(&id).await })
+    };
+    assert!(
+        server
+            .wait_for_log(
+                "fault point after_claim reached",
+                std::time::Duration::from_secs(30)
+            )
+            .await
+    );
+
+    let r = owner
+        .approve(&deferred_id)
+        .await
+        .expect("an approval that was committed must not be answered as failed");
+    assert_eq!(r.status, "in_progress", "{}", r.message);
+    assert_eq!(r.approval_state, ApprovalState::Approved as i32);
+    assert_eq!(r.request_id, deferred_id);
+    assert!(
+        r.message.contains("approved") && r.message.contains("retried automatically"),
+        "{}",
+        r.message
+    );
+    assert_eq!(
+        stored_state(&server, &deferred_id).await.as_deref(),
+        Some("approved")
+    );
+    assert!(request_event_count(&server, &deferred_id, "apply.deferred").await >= 1);
+    assert_eq!(
+        request_event_count(&server, &deferred_id, "request.approved").await,
+        1
+    );
+    // Asked again, the decision is reported as taken, not refused.
+    let again = owner.approve(&deferred_id).await.unwrap();
+    assert_eq!(again.approval_state, ApprovalState::Approved as i32);
+
+    server.kill();
+    let _ = parked.await;
+    server.remove_config_key("fault_points");
+    server.restart(&Options::default()).await;
+    for id in [&held_id, &deferred_id] {
+        assert_eq!(
+            wait_final(&server, id, std::time::Duration::from_secs(30))
+                .await
+                .as_deref(),
+            Some("applied"),
+            "request {id}; log:\n{}",
+            server.log()
+        );
+        assert_eq!(request_event_count(&server, id, "request.applied").await, 1);
+    }
+    assert!(db_exists(&held).await && db_exists(&deferred).await);
+    assert_ownership_consistent(&server, &[&held, &deferred]).await;
+    drop_by_hand(&held).await;
+    drop_by_hand(&deferred).await;
+}

@@ -759,3 +759,127 @@ async fn describes_racing_creates_and_deletes_always_answer_and_are_audited() {
         server.log()
     );
 }
+
+/// 16 callers of one project create and delete the same few names at once, through
+/// two replicas, with approval mode `none` (each call applies at once). Only the
+/// service ever creates these databases, so no answer may claim that one of them is
+/// "not managed by this service": while another request of the project is being
+/// applied for a name, the answer names that request (FAILED_PRECONDITION) instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_creates_and_deletes_never_call_own_databases_unmanaged() {
+    let (s1, s2) = replicas("[approval]\ncreate = \"none\"\ndelete = \"none\"\n").await;
+    let names: Vec<String> = (0..3).map(|i| unique(&format!("own_race_{i}"))).collect();
+    let mut calls = Vec::new();
+    for worker in 0..16usize {
+        let server = if worker % 2 == 0 { &s1 } else { &s2 };
+        let caller = server.as_(&AGENT_A).await;
+        let names = names.clone();
+        calls.push(async move {
+            let mut answers = Vec::new();
+            for step in 0..20usize {
+                let name = &names[(worker + step) % names.len()];
+                let creating = (worker + step / 3) % 2 == 0;
+                let reply = if creating {
+                    caller.create("dev", name).await
+                } else {
+                    caller.delete("dev", name, true).await
+                };
+                answers.push((creating, name.clone(), reply));
+            }
+            answers
+        });
+    }
+    let answers: Vec<_> = all_at_once(calls).await.into_iter().flatten().collect();
+    let mut wrong = Vec::new();
+    for (creating, name, reply) in &answers {
+        let what = if *creating { "create" } else { "delete" };
+        match reply {
+            Ok(r) => {
+                assert!(
+                    matches!(
+                        r.status.as_str(),
+                        "applied" | "unchanged" | "failed" | "in_progress"
+                    ),
+                    "{what} {name}: {} {}",
+                    r.status,
+                    r.message
+                );
+                if r.message.contains("not managed by this service") {
+                    wrong.push(format!("{what} {name}: {} {}", r.status, r.message));
+                }
+            }
+            Err(s) => {
+                assert!(
+                    matches!(
+                        s.code(),
+                        Code::FailedPrecondition | Code::NotFound | Code::AlreadyExists
+                    ),
+                    "{what} {name}: {:?} {}",
+                    s.code(),
+                    s.message()
+                );
+                if s.message().contains("not managed by this service") {
+                    wrong.push(format!("{what} {name}: {:?} {}", s.code(), s.message()));
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} answers called the project's own database unmanaged:\n{}",
+        wrong.len(),
+        answers.len(),
+        wrong.join("\n")
+    );
+    for name in &names {
+        assert_eq!(open_requests(&s1, name).await, 0, "{name}");
+        let row = ownership_row(&s1, name).await;
+        assert_eq!(db_exists(name).await, row.is_some(), "{name}: {row:?}");
+    }
+    assert_ownership_invariant(&s1, &names).await;
+    for name in &names {
+        drop_by_hand(name).await;
+    }
+}
+
+/// The same answer, made deterministic: a create of the project's is being applied
+/// (parked at a test-only fault point, its intent written) and a database appears
+/// under the name meanwhile. A create or delete of that name by the project names
+/// the running request instead of calling the database unmanaged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_during_an_apply_of_the_name_get_its_request() {
+    let mut server = TestServer::start().await;
+    server.prepend_config("fault_points = [\"after_intent\"]");
+    server.restart(&Options::default()).await;
+    let name = unique("own_parked");
+    let agent = server.as_(&AGENT_A).await;
+    let rid = agent.create("dev", &name).await.unwrap().request_id;
+    let owner = server.as_(&OWNER_A).await;
+    let rid2 = rid.clone();
+    let _parked = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log(
+                "fault point after_intent reached",
+                std::time::Duration::from_secs(30)
+            )
+            .await
+    );
+    create_by_hand(&name).await;
+
+    let again = agent.create("dev", &name).await.unwrap();
+    assert_eq!(
+        (again.status.as_str(), again.request_id.as_str()),
+        ("in_progress", rid.as_str()),
+        "{}",
+        again.message
+    );
+    let s = expect_code(
+        agent.delete("dev", &name, true).await,
+        Code::FailedPrecondition,
+    );
+    assert!(s.message().contains(&rid), "{}", s.message());
+    assert!(!s.message().contains("not managed"), "{}", s.message());
+    server.kill();
+    drop_by_hand(&name).await;
+}

@@ -439,6 +439,298 @@ async fn resumed_delete_is_audited_as_resumed() {
     assert_eq!(request_event_count(&server, &rid, "apply.started").await, 2);
 }
 
+// ---------- a resumed apply that the changed configuration refuses ----------
+
+/// How the configuration changes while the apply is down.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// The name is added to `protected_databases`.
+    Protect,
+    /// The request's environment (`staging`) is no longer allowed.
+    RemoveEnvironment,
+}
+
+/// Park an apply of `act` at `point`, SIGKILL the server, change the configuration
+/// by `change` and restart without the fault point: the recovery loop resumes the
+/// apply, and its re-check now refuses the request. Returns the server, the name,
+/// the request id and the request's final state.
+async fn refused_on_resume(
+    act: Act,
+    point: &str,
+    change: Change,
+) -> (TestServer, String, String, Option<String>) {
+    let name = unique(&format!("ft_refused_{point}"));
+    let env = match change {
+        Change::Protect => "dev",
+        Change::RemoveEnvironment => "staging",
+    };
+    let mut server = TestServer::start().await;
+    if act == Act::Delete {
+        let agent = server.as_(&AGENT_A).await;
+        let r = agent.create(env, &name).await.unwrap();
+        let r = server
+            .as_(&OWNER_A)
+            .await
+            .approve(&r.request_id)
+            .await
+            .unwrap();
+        assert_eq!(r.status, "applied", "{}", r.message);
+    }
+    server.prepend_config(&format!("fault_points = [\"{point}\"]"));
+    server.restart(&Options::default()).await;
+    let agent = server.as_(&AGENT_A).await;
+    let queued = match act {
+        Act::Create => agent.create(env, &name).await,
+        Act::Delete => agent.delete(env, &name, true).await,
+    }
+    .unwrap();
+    let rid = queued.request_id.clone();
+    let owner = server.as_(&OWNER_A).await;
+    let rid2 = rid.clone();
+    let _parked = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log(&format!("fault point {point} reached"), FAULT_LIMIT)
+            .await,
+        "log:\n{}",
+        server.log()
+    );
+    let (exists, row_state) = expected_intermediate(act, point);
+    assert_eq!(db_exists(&name).await, exists, "database at {point}");
+    assert_eq!(
+        ownership_rows(&server, &name)
+            .await
+            .first()
+            .map(|r| r.2.as_str()),
+        row_state
+    );
+    server.kill();
+    server.remove_config_key("fault_points");
+    let opts = match change {
+        Change::Protect => {
+            server.prepend_config(&format!("protected_databases = [\"{name}\"]"));
+            Options::default()
+        }
+        Change::RemoveEnvironment => Options {
+            allowed_envs_var: Some("dev".into()),
+            ..Default::default()
+        },
+    };
+    server.restart(&opts).await;
+    let state = wait_final(&server, &rid, RECOVERY_LIMIT).await;
+    (server, name, rid, state)
+}
+
+async fn failure_reason(server: &TestServer, rid: &str) -> String {
+    server
+        .meta()
+        .await
+        .query_one(
+            "SELECT coalesce(failure_reason, '') FROM approval_requests WHERE id = $1::text::uuid",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Crash after the staging database was made; the name is protected by the time the
+/// apply resumes: the request fails, and the staging database and the `creating`
+/// row are removed (nothing is left that no active row accounts for).
+#[tokio::test]
+async fn create_resumed_after_staging_create_is_undone_when_the_name_became_protected() {
+    let (server, name, rid, state) =
+        refused_on_resume(Act::Create, "after_create", Change::Protect).await;
+    assert_eq!(state.as_deref(), Some("failed"), "log:\n{}", server.log());
+    let reason = failure_reason(&server, &rid).await;
+    assert!(reason.contains("protected"), "{reason}");
+    assert!(
+        !db_exists(&staging_name(&rid)).await,
+        "staging database left"
+    );
+    assert!(!db_exists(&name).await);
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    assert_eq!(
+        request_event_count(&server, &rid, "apply.rolled_back").await,
+        1
+    );
+    assert_eq!(
+        request_event_count(&server, &rid, "request.applied").await,
+        0
+    );
+    assert_ownership_consistent(&server, &[&name]).await;
+}
+
+/// Crash after the rename (the database is under its name, its row `creating`); the
+/// environment is no longer allowed when the apply resumes: the request fails, the
+/// database this request made is dropped and its row removed, and Describe no
+/// longer reports it as the project's.
+#[tokio::test]
+async fn create_resumed_after_rename_is_undone_when_the_environment_was_removed() {
+    let (server, name, rid, state) =
+        refused_on_resume(Act::Create, "after_rename", Change::RemoveEnvironment).await;
+    assert_eq!(state.as_deref(), Some("failed"), "log:\n{}", server.log());
+    let reason = failure_reason(&server, &rid).await;
+    assert!(reason.contains("not allowed"), "{reason}");
+    assert!(!db_exists(&name).await, "the renamed database is left");
+    assert!(!db_exists(&staging_name(&rid)).await);
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    assert_eq!(
+        request_event_count(&server, &rid, "apply.rolled_back").await,
+        1
+    );
+    assert_ownership_consistent(&server, &[&name]).await;
+    let described = server
+        .as_(&AGENT_A)
+        .await
+        .describe("dev", &name)
+        .await
+        .unwrap();
+    assert!(
+        !described.exists && !described.owned_by_project,
+        "{}",
+        described.message
+    );
+}
+
+/// The same, when nothing was done yet (crash right after the claim): the request
+/// fails, nothing is created, and there was nothing to undo.
+#[tokio::test]
+async fn create_resumed_after_claim_creates_nothing_when_the_environment_was_removed() {
+    let (server, name, rid, state) =
+        refused_on_resume(Act::Create, "after_claim", Change::RemoveEnvironment).await;
+    assert_eq!(state.as_deref(), Some("failed"), "log:\n{}", server.log());
+    assert!(!db_exists(&name).await);
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    assert_eq!(
+        request_event_count(&server, &rid, "apply.rolled_back").await,
+        0
+    );
+    assert_ownership_consistent(&server, &[&name]).await;
+}
+
+/// A delete interrupted before its DROP, resumed after the name became protected:
+/// nothing is dropped now; the row is `active` again and the request fails.
+#[tokio::test]
+async fn delete_resumed_before_drop_drops_nothing_when_the_name_became_protected() {
+    let (server, name, rid, state) =
+        refused_on_resume(Act::Delete, "after_intent", Change::Protect).await;
+    assert_eq!(state.as_deref(), Some("failed"), "log:\n{}", server.log());
+    let reason = failure_reason(&server, &rid).await;
+    assert!(reason.contains("protected"), "{reason}");
+    assert!(db_exists(&name).await, "dropped despite the protection");
+    assert_eq!(
+        ownership_rows(&server, &name).await,
+        vec![("alpha".into(), "dev".into(), "active".into())]
+    );
+    assert_ownership_consistent(&server, &[&name]).await;
+    drop_by_hand(&name).await;
+}
+
+/// A delete interrupted after its DROP, resumed after the name became protected: the
+/// drop cannot be undone, so its row is removed (no row points at a missing
+/// database) and the request ends `applied`, its event saying why nothing else was
+/// done.
+#[tokio::test]
+async fn delete_resumed_after_drop_removes_the_row_when_the_name_became_protected() {
+    let (server, name, rid, state) =
+        refused_on_resume(Act::Delete, "after_drop", Change::Protect).await;
+    assert_eq!(state.as_deref(), Some("applied"), "log:\n{}", server.log());
+    assert!(!db_exists(&name).await);
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    let payload: String = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT payload::text FROM flow_events WHERE request_id = $1::text::uuid \
+             AND event_type = 'request.applied'",
+            &[&rid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(payload["already_gone"], true, "{payload}");
+    assert!(
+        payload["refused_at_resume"]
+            .as_str()
+            .is_some_and(|r| r.contains("protected")),
+        "{payload}"
+    );
+    assert_ownership_consistent(&server, &[&name]).await;
+}
+
+/// The environment and its target are both gone from the configuration when a
+/// create interrupted after its staging database resumes: this replica cannot reach
+/// what is left there, so the request stays `approved` (deferred, never failed with
+/// its leftovers in place); once a replica has the target again (the environment
+/// still not allowed), the leftovers are removed and the request fails.
+#[tokio::test]
+async fn refused_create_waits_for_a_replica_that_has_its_target() {
+    let sections = format!(
+        "[targets.other]\nadmin_url = \"{}\"\n\n[environments.staging]\ntarget = \"other\"\n",
+        cluster().url("postgres")
+    );
+    let mut server = TestServer::start_with(Options {
+        extra_toml: sections.clone(),
+        ..Default::default()
+    })
+    .await;
+    server.prepend_config("fault_points = [\"after_create\"]");
+    server.restart(&Options::default()).await;
+    let name = unique("ft_no_target");
+    let rid = server
+        .as_(&AGENT_A)
+        .await
+        .create("staging", &name)
+        .await
+        .unwrap()
+        .request_id;
+    let owner = server.as_(&OWNER_A).await;
+    let rid2 = rid.clone();
+    let _parked = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log("fault point after_create reached", FAULT_LIMIT)
+            .await
+    );
+    server.kill();
+    server.remove_config_key("fault_points");
+    server.edit_config(|text| text.replace(&sections, ""));
+    let without_staging = Options {
+        allowed_envs_var: Some("dev".into()),
+        ..Default::default()
+    };
+    server.restart(&without_staging).await;
+    let deadline = std::time::Instant::now() + RECOVERY_LIMIT;
+    while request_event_count(&server, &rid, "apply.deferred").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed apply was never deferred; log:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stored_state(&server, &rid).await.as_deref(),
+        Some("approved")
+    );
+    assert!(db_exists(&staging_name(&rid)).await);
+
+    server.kill();
+    server.edit_config(|text| format!("{text}\n{sections}"));
+    server.restart(&without_staging).await;
+    assert_eq!(
+        wait_final(&server, &rid, RECOVERY_LIMIT).await.as_deref(),
+        Some("failed"),
+        "log:\n{}",
+        server.log()
+    );
+    assert!(!db_exists(&staging_name(&rid)).await);
+    assert!(ownership_rows(&server, &name).await.is_empty());
+    assert_ownership_consistent(&server, &[&name]).await;
+}
+
 // ---------- the recovery loop's sweeps (expiry, item 4) ----------
 
 /// Nobody touches an expired request: the recovery loop moves it to `expired` by

@@ -8,8 +8,9 @@
 //!   request that was acknowledged is lost.
 //! * Only a target cluster is unreachable (metadata up): calls for its environment
 //!   fail with UNAVAILABLE naming the target, other environments and health are
-//!   unaffected; an approved request whose apply hit UNAVAILABLE stays approved and
-//!   the recovery loop applies it once the target is back. The target is the same
+//!   unaffected; an approved request whose apply hit UNAVAILABLE stays approved (the
+//!   Approve is answered OK, `in_progress`) and the recovery loop applies it once the
+//!   target is back. The target is the same
 //!   cluster reached through a TCP proxy that the test switches off and on.
 //!
 //! The client-side timeouts are guards against a hang, not timing assertions.
@@ -409,15 +410,23 @@ async fn target_outage_defers_applies_until_the_target_returns() {
         .expect("Create hung while the target was down");
     expect_code(s, Code::Unavailable);
 
-    // The approval is recorded, the apply cannot run: the request stays approved.
-    let s = tokio::time::timeout(HANG_GUARD, owner.approve(&rid))
+    // The approval is recorded, the apply cannot run: the request stays approved,
+    // and the caller is told so (OK, in_progress), not that the decision failed.
+    let r = tokio::time::timeout(HANG_GUARD, owner.approve(&rid))
         .await
-        .expect("Approve hung while the target was down");
-    let s = expect_code(s, Code::Unavailable);
+        .expect("Approve hung while the target was down")
+        .expect("a committed approval must not be answered as an error");
+    assert_eq!(r.status, "in_progress", "{}", r.message);
+    assert_eq!(
+        r.approval_state,
+        db_lifecycle::proto::ApprovalState::Approved as i32
+    );
     assert!(
-        s.message().contains("approved") && s.message().contains("retried automatically"),
+        r.message.contains("approved")
+            && r.message.contains("retried automatically")
+            && r.message.contains("target cluster `remote` unavailable"),
         "{}",
-        s.message()
+        r.message
     );
     assert_eq!(
         stored_state(&server, &rid).await.as_deref(),

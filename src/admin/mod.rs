@@ -74,6 +74,11 @@ impl AdminClient {
         Ok(Self { pools })
     }
 
+    /// Whether this replica has a pool for (is configured with) the target.
+    pub fn has_target(&self, target: &str) -> bool {
+        self.pools.contains_key(target)
+    }
+
     pub fn close(&self) {
         for pool in self.pools.values() {
             pool.close();

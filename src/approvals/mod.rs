@@ -21,7 +21,7 @@ use crate::{
     error::ServiceError,
     ownership::{OwnedCall, Plan},
     policy::Policy,
-    repository::{InsertOutcome, NewRequest, Repository},
+    repository::{InsertOutcome, LockWait, NewRequest, Repository},
 };
 
 /// Test-only fault injection: named points between the steps of an apply, enabled
@@ -90,6 +90,9 @@ enum Effect {
     Dropped {
         already_gone: bool,
         resumed: bool,
+        /// The re-check refused the request when it was resumed, after its earlier
+        /// attempt had dropped the database: only the ownership row is removed.
+        refused_at_resume: Option<String>,
     },
 }
 
@@ -520,6 +523,13 @@ impl Approvals {
     /// Apply an approved request. Runs in its own task so that a caller hanging up
     /// cannot cut an apply in half; `wait_for_lock=false` skips a database whose
     /// apply is running elsewhere (recovery).
+    ///
+    /// The request is already `approved` (the decision, or mode `none`'s storing, is
+    /// committed), so a transient failure anywhere in the apply (no lock connection,
+    /// the metadata database or target not answering, the apply lock held too long)
+    /// is not reported as an error, which would read as "the decision failed": the
+    /// answer is `in_progress` with the request approved, and the apply is deferred
+    /// to the recovery loop (see [`Self::deferred`]).
     pub async fn apply(
         &self,
         req: ApprovalRequest,
@@ -527,12 +537,49 @@ impl Approvals {
     ) -> Result<LifecycleOutcome, ServiceError> {
         let this = self.clone();
         let id = req.id;
-        tokio::spawn(
+        let claimed = req.clone();
+        let result = tokio::spawn(
             async move { this.apply_locked(req, wait_for_lock).await }
                 .instrument(tracing::Span::current()),
         )
         .await
-        .map_err(|e| ServiceError::Internal(format!("apply task for {id} failed: {e}")))?
+        .map_err(|e| ServiceError::Internal(format!("apply task for {id} failed: {e}")))?;
+        match result {
+            Err(e) if e.is_transient() => Ok(self.deferred(&claimed, &e).await),
+            other => other,
+        }
+    }
+
+    /// An apply that could not run or finish for a transient reason: the request
+    /// stays `approved`, `apply.deferred` is recorded, and the recovery loop of any
+    /// replica applies it later. If the metadata database itself is what failed, the
+    /// event may not be writable: that is logged, and the recovery loop picks the
+    /// request up all the same (it looks for `approved` requests, not for events).
+    async fn deferred(&self, req: &ApprovalRequest, cause: &ServiceError) -> LifecycleOutcome {
+        // A failure while committing the final state may hide a commit that did
+        // happen: then the final state is reported, and nothing is deferred.
+        if let Ok(Some(current)) = self.repo.get_request(req.id).await
+            && current.state != ApprovalState::Approved
+        {
+            return self.report(&current);
+        }
+        warn!(request_id = %req.id, error = %cause, "apply deferred; will retry");
+        let _ = self.repo.note_apply_attempt(req.id).await;
+        let mut ev = Audit::request_event(req, "apply.deferred", SYSTEM_ACTOR, SYSTEM_KIND);
+        ev.outcome = "error";
+        ev.status_code = crate::error::code_name(cause.code()).into();
+        ev.message = format!("{cause}; the request stays approved and will be retried");
+        if let Err(e) = self.audit.record(&ev).await {
+            warn!(request_id = %req.id, error = %e, "could not record apply.deferred; the recovery loop retries the request all the same");
+        }
+        LifecycleOutcome::for_request(
+            req,
+            "in_progress",
+            format!(
+                "request {} is approved; its apply could not run yet ({cause}); the request stays approved and its apply will be retried automatically",
+                req.id
+            ),
+        )
     }
 
     async fn apply_locked(
@@ -548,43 +595,29 @@ impl Approvals {
             .transaction()
             .await
             .map_err(ServiceError::metadata)?;
-        let key = format!("db-lifecycle/{}/{}", req.target_cluster, req.database_name);
-        if wait_for_lock {
-            lock_tx
-                .batch_execute(&format!("SET LOCAL lock_timeout = '{APPLY_LOCK_TIMEOUT}'"))
-                .await
-                .map_err(ServiceError::metadata)?;
-            lock_tx
-                .execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&key])
-                .await
-                .map_err(|e| {
-                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
-                        ServiceError::MetadataUnavailable {
-                            detail: format!(
-                                "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
-                                req.database_name
-                            ),
-                        }
-                    } else {
-                        ServiceError::metadata(e)
-                    }
-                })?;
+        let wait = if wait_for_lock {
+            LockWait::Wait(APPLY_LOCK_TIMEOUT)
         } else {
-            let got: bool = lock_tx
-                .query_one(
-                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
-                .map_err(ServiceError::metadata)?
-                .get(0);
-            if !got {
-                return Ok(LifecycleOutcome::for_request(
-                    &req,
-                    "in_progress",
-                    "apply running elsewhere".into(),
-                ));
-            }
+            LockWait::Try
+        };
+        let locked = self
+            .repo
+            .take_apply_lock(&lock_tx, &req.target_cluster, &req.database_name, wait)
+            .await?;
+        if !locked && wait_for_lock {
+            return Err(ServiceError::MetadataUnavailable {
+                detail: format!(
+                    "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
+                    req.database_name
+                ),
+            });
+        }
+        if !locked {
+            return Ok(LifecycleOutcome::for_request(
+                &req,
+                "in_progress",
+                "apply running elsewhere".into(),
+            ));
         }
         // Re-read under the lock: another replica may have finished it meanwhile.
         let current =
@@ -613,7 +646,10 @@ impl Approvals {
     /// The effects, each idempotent, in an order that keeps database and ownership row
     /// in agreement across a crash: the ownership intent is written first.
     async fn apply_steps(&self, req: &ApprovalRequest) -> Result<Effect, ServiceError> {
-        let db = self.policy.recheck_for_apply(req)?;
+        let db = match self.policy.recheck_for_apply(req) {
+            Ok(db) => db,
+            Err(refused) => return self.refused_at_apply(req, refused).await,
+        };
         let target = &db.target;
         let own = self.repo.ownership(target, db.name.as_str()).await?;
         // This request's intent is already written: an earlier attempt of this very
@@ -718,6 +754,106 @@ impl Approvals {
                 Ok(Effect::Dropped {
                     already_gone: !existed,
                     resumed,
+                    refused_at_resume: None,
+                })
+            }
+            Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
+        }
+    }
+
+    /// The re-check at apply time refused the request (the configuration changed
+    /// since it was approved: environment no longer allowed, name now protected or
+    /// outside the name rules, environment moved to another target). Nothing more is
+    /// done for it, and what this request's own interrupted earlier attempt left on
+    /// the way is settled so that no database is left without an active ownership
+    /// row and no row without its database:
+    ///
+    /// * create: the staging database, the database it renamed into place (the one
+    ///   whose oid its `creating` row recorded) and the `creating` row are removed;
+    ///   the request fails with the re-check's reason. A database under the name
+    ///   that the row does not identify is someone else's and is left alone; an
+    ///   `active` row (a re-create after drift) is left as it is.
+    /// * delete: a database still there is never dropped now; its `deleting` row goes
+    ///   back to `active` and the request fails. A database already dropped by the
+    ///   earlier attempt cannot be brought back: its row is removed and the request
+    ///   ends `applied`, saying so.
+    ///
+    /// When the earlier attempt touched nothing yet (no intent row of this request),
+    /// the target is not contacted and the request fails. When the request's target
+    /// is not configured on this replica, nothing can be checked or undone: the
+    /// request stays `approved` (deferred) for a replica that has the target.
+    async fn refused_at_apply(
+        &self,
+        req: &ApprovalRequest,
+        refused: ServiceError,
+    ) -> Result<Effect, ServiceError> {
+        let target = &req.target_cluster;
+        let own = self
+            .repo
+            .ownership(target, &req.database_name)
+            .await?
+            .filter(|o| o.request_id == Some(req.id) && o.project_id == req.project_id);
+        let Some(own) = own else {
+            return Err(refused);
+        };
+        if !self.admin.has_target(target) {
+            return Err(ServiceError::TargetUnavailable {
+                target: target.clone(),
+                detail: format!(
+                    "the target is not configured on this replica, and an interrupted earlier attempt of request {} left its `{}` intent there ({refused}); a replica configured with the target must finish or undo it",
+                    req.id, own.state
+                ),
+            });
+        }
+        let name = self.policy.stored_name(req)?;
+        match req.action {
+            Action::Create => {
+                let staging = DatabaseName::staging_for(req.id);
+                let staging_dropped = self.admin.drop_database(target, &staging).await?;
+                let mut renamed_dropped = false;
+                let mut intent_removed = false;
+                if own.state == "creating" {
+                    let current = self.admin.oid(target, &name).await?;
+                    if current.is_some() && own.database_oid == current.map(i64::from) {
+                        // Renamed into place by this very request, never reported
+                        // applied: its own database, identified by oid.
+                        renamed_dropped = self.admin.drop_database(target, &name).await?;
+                    }
+                    self.repo.drop_creating_intent(req).await?;
+                    intent_removed = true;
+                }
+                warn!(request_id = %req.id, database = %req.database_name, staging_dropped, renamed_dropped, intent_removed, "re-check at apply refused a resumed create ({refused}); its interrupted attempt is undone");
+                let mut ev =
+                    Audit::request_event(req, "apply.rolled_back", SYSTEM_ACTOR, SYSTEM_KIND);
+                ev.message = format!(
+                    "the re-check at apply refused this request ({refused}); what its interrupted earlier attempt made is removed"
+                );
+                ev.payload = json!({
+                    "staging_database_dropped": staging_dropped,
+                    "renamed_database_dropped": renamed_dropped,
+                    "intent_removed": intent_removed,
+                });
+                self.audit.record(&ev).await?;
+                Err(refused)
+            }
+            Action::Delete => {
+                if own.state != "deleting" {
+                    return Err(refused);
+                }
+                let current = self.admin.oid(target, &name).await?;
+                let still_there = current.is_some()
+                    && own
+                        .database_oid
+                        .is_none_or(|recorded| Some(recorded) == current.map(i64::from));
+                if still_there {
+                    // Not dropped yet, and not dropped now: `finish` puts the row
+                    // back to `active`.
+                    return Err(refused);
+                }
+                Ok(Effect::Dropped {
+                    already_gone: true,
+                    resumed: true,
+                    refused_at_resume: Some(refused.to_string()),
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
@@ -737,29 +873,16 @@ impl Approvals {
     }
 
     /// Write the final state, the ownership change and the terminal event in one
-    /// transaction. A transient error leaves the request approved for a retry.
+    /// transaction. A transient error is handed back as it is: the request stays
+    /// approved, and [`Self::apply`] defers it.
     async fn finish(
         &self,
         req: &ApprovalRequest,
         result: Result<Effect, ServiceError>,
     ) -> Result<LifecycleOutcome, ServiceError> {
         let effect = match result {
-            Err(e) if e.is_transient() => {
-                warn!(request_id = %req.id, error = %e, "apply deferred; will retry");
-                let _ = self.repo.note_apply_attempt(req.id).await;
-                let mut ev = Audit::request_event(req, "apply.deferred", SYSTEM_ACTOR, SYSTEM_KIND);
-                ev.outcome = "error";
-                ev.status_code = crate::error::code_name(e.code()).into();
-                ev.message = format!("{e}; the request stays approved and will be retried");
-                let _ = self.audit.record(&ev).await;
-                return Err(ServiceError::TargetUnavailable {
-                    target: req.target_cluster.clone(),
-                    detail: format!(
-                        "request {} is approved but could not be applied yet ({e}); it will be retried automatically",
-                        req.id
-                    ),
-                });
-            }
+            // Deferred by `apply`: the request stays approved for a retry.
+            Err(e) if e.is_transient() => return Err(e),
             other => other,
         };
         let mut client = self.repo.client().await?;
@@ -794,9 +917,15 @@ impl Approvals {
                     Effect::Dropped {
                         already_gone,
                         resumed,
+                        refused_at_resume,
                     } => {
                         self.repo.remove_ownership(&tx, req).await?;
-                        let message = if *already_gone && *resumed {
+                        let message = if let Some(refused) = refused_at_resume {
+                            format!(
+                                "database `{}` had already been dropped by an interrupted earlier attempt of this request (or outside the service); its ownership row is removed. The re-check when resuming refused the request ({refused}), so nothing else was done",
+                                req.database_name
+                            )
+                        } else if *already_gone && *resumed {
                             format!(
                                 "database `{}` was already gone (an interrupted earlier attempt of this request dropped it, or it was dropped outside the service); ownership row removed",
                                 req.database_name
@@ -814,7 +943,7 @@ impl Approvals {
                         };
                         (
                             message,
-                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed }),
+                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume }),
                         )
                     }
                 };
@@ -921,7 +1050,7 @@ impl Approvals {
             match self.apply(req, false).instrument(span).await {
                 Ok(out) if out.status != "in_progress" => driven += 1,
                 Ok(_) => {}
-                Err(e) => warn!(error = %e, "recovery apply deferred"),
+                Err(e) => warn!(error = %e, "recovery apply failed; will retry"),
             }
         }
         Ok(driven)

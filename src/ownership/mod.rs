@@ -4,10 +4,10 @@
 
 use crate::{
     admin::AdminClient,
-    domain::{Action, DatabaseFacts, Ownership},
+    domain::{Action, ApprovalState, DatabaseFacts, Ownership},
     error::ServiceError,
     policy::CheckedCall,
-    repository::Repository,
+    repository::{LockWait, Repository},
 };
 
 /// What ownership found for a call that passed it. Only this module constructs it.
@@ -60,64 +60,76 @@ impl Ownerships {
         }
     }
 
-    pub async fn check(&self, call: CheckedCall) -> Result<OwnedCall, ServiceError> {
-        let mut ownership = self.own_row(&call).await?;
+    /// The ownership row and the database under the call's name, as seen now.
+    async fn observe(&self, call: &CheckedCall) -> Result<Observed, ServiceError> {
+        let ownership = self.own_row(call).await?;
         let current_oid = self
             .admin
             .oid(&call.database.target, &call.database.name)
             .await?;
-        // Dropped and re-created outside the service: the database under this name is
-        // not the one the project owns, so it is treated as unmanaged.
-        let replaced = ownership
-            .as_ref()
-            .is_some_and(|o| !o.identifies(current_oid));
-        if replaced {
-            ownership = None;
-        }
-        let name = call.database.name.to_string();
-        let registered_elsewhere = ownership
-            .as_ref()
-            .filter(|o| o.environment != call.environment)
-            .map(|o| o.environment.clone());
-        let exists = current_oid.is_some();
-        let plan = match call.action {
-            Action::Describe => Plan::Describe,
-            Action::Create => {
-                if let Some(registered) = registered_elsewhere {
-                    return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
-                }
-                match (&ownership, exists) {
-                    (None, true) => return Err(ServiceError::UnmanagedDatabaseExists { name }),
-                    (Some(o), true) if o.state == "active" => Plan::AlreadyPresent,
-                    _ => Plan::Queue,
-                }
-            }
-            Action::Delete => {
-                if let Some(registered) = registered_elsewhere {
-                    return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
-                }
-                match (&ownership, exists) {
-                    (None, true) => return Err(ServiceError::UnmanagedDatabase { name }),
-                    (None, false) => {
-                        return Err(ServiceError::DatabaseNotFound {
-                            name,
-                            environment: call.environment.clone(),
-                        });
-                    }
-                    // Owned, even if already dropped by hand: the delete cleans up the row.
-                    _ => Plan::Queue,
-                }
-            }
-        };
-        Ok(OwnedCall {
-            call,
+        Ok(Observed {
             ownership,
-            exists,
-            replaced,
-            plan,
+            current_oid,
         })
     }
 
+    pub async fn check(&self, call: CheckedCall) -> Result<OwnedCall, ServiceError> {
+        let seen = self.observe(&call).await?;
+        let exists = seen.current_oid.is_some();
+        match plan(call.clone(), seen) {
+            Err(e) if claims_unmanaged(&e) => self.check_settled(call, exists).await,
+            other => other,
+        }
+    }
+
+    /// The row and the database are read one after the other, and an apply of the
+    /// same name (another call of this project, on any replica) may change both in
+    /// between: a database renamed into place after its row was read looks
+    /// unmanaged, a row removed before its database was dropped looks like a
+    /// database nobody owns. So before a create or delete is told the database is
+    /// not managed (or that there is no managed database), that is checked again
+    /// when no apply can run: an approved request for the name is handed on to the
+    /// request flow, which returns or names it like any open request; otherwise both
+    /// are read again under the name's apply lock, when they agree.
+    async fn check_settled(
+        &self,
+        call: CheckedCall,
+        exists: bool,
+    ) -> Result<OwnedCall, ServiceError> {
+        let target = call.database.target.clone();
+        let name = call.database.name.to_string();
+        for _ in 0..SETTLE_ATTEMPTS {
+            let applying = self
+                .repo
+                .open_request_for(&target, &name)
+                .await?
+                .filter(|r| r.state == ApprovalState::Approved);
+            if applying.is_some() {
+                return Ok(OwnedCall {
+                    call,
+                    ownership: None,
+                    exists,
+                    replaced: false,
+                    plan: Plan::Queue,
+                });
+            }
+            let mut conn = self.repo.lock_client().await?;
+            let tx = conn.transaction().await.map_err(ServiceError::metadata)?;
+            let locked = self
+                .repo
+                .take_apply_lock(&tx, &target, &name, LockWait::Wait(SETTLE_LOCK_TIMEOUT))
+                .await?;
+            if !locked {
+                // An apply held it all along: its request is found on the next turn.
+                continue;
+            }
+            let seen = self.observe(&call).await;
+            // Releases the lock (nothing else was done in this transaction).
+            let _ = tx.rollback().await;
+            return plan(call, seen?);
+        }
+        Err(ServiceError::ApplyBusy { name })
+    }
     /// Catalog facts for a describe (None when the database does not exist).
     pub async fn facts(&self, owned: &OwnedCall) -> Result<Option<DatabaseFacts>, ServiceError> {
         if !owned.exists {
@@ -127,6 +139,87 @@ impl Ownerships {
             .facts(&owned.call.database.target, &owned.call.database.name)
             .await
     }
+}
+
+/// How many times a settled check looks for a running apply or waits for its lock.
+const SETTLE_ATTEMPTS: usize = 3;
+/// How long a settled check waits for an apply of the same name to finish.
+const SETTLE_LOCK_TIMEOUT: &str = "10s";
+
+/// What [`Ownerships::observe`] read.
+struct Observed {
+    /// The caller's project's row (another project's was refused).
+    ownership: Option<Ownership>,
+    current_oid: Option<u32>,
+}
+
+/// Answers that say a database is not the service's (or not there): before one of
+/// them is given, it is checked again when no apply runs ([`Ownerships::check`]).
+fn claims_unmanaged(e: &ServiceError) -> bool {
+    matches!(
+        e,
+        ServiceError::UnmanagedDatabaseExists { .. }
+            | ServiceError::UnmanagedDatabase { .. }
+            | ServiceError::DatabaseNotFound { .. }
+    )
+}
+
+/// What to do with a call, given what was observed.
+fn plan(call: CheckedCall, seen: Observed) -> Result<OwnedCall, ServiceError> {
+    let Observed {
+        mut ownership,
+        current_oid,
+    } = seen;
+    // Dropped and re-created outside the service: the database under this name is
+    // not the one the project owns, so it is treated as unmanaged.
+    let replaced = ownership
+        .as_ref()
+        .is_some_and(|o| !o.identifies(current_oid));
+    if replaced {
+        ownership = None;
+    }
+    let name = call.database.name.to_string();
+    let registered_elsewhere = ownership
+        .as_ref()
+        .filter(|o| o.environment != call.environment)
+        .map(|o| o.environment.clone());
+    let exists = current_oid.is_some();
+    let plan = match call.action {
+        Action::Describe => Plan::Describe,
+        Action::Create => {
+            if let Some(registered) = registered_elsewhere {
+                return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
+            }
+            match (&ownership, exists) {
+                (None, true) => return Err(ServiceError::UnmanagedDatabaseExists { name }),
+                (Some(o), true) if o.state == "active" => Plan::AlreadyPresent,
+                _ => Plan::Queue,
+            }
+        }
+        Action::Delete => {
+            if let Some(registered) = registered_elsewhere {
+                return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
+            }
+            match (&ownership, exists) {
+                (None, true) => return Err(ServiceError::UnmanagedDatabase { name }),
+                (None, false) => {
+                    return Err(ServiceError::DatabaseNotFound {
+                        name,
+                        environment: call.environment.clone(),
+                    });
+                }
+                // Owned, even if already dropped by hand: the delete cleans up the row.
+                _ => Plan::Queue,
+            }
+        }
+    };
+    Ok(OwnedCall {
+        call,
+        ownership,
+        exists,
+        replaced,
+        plan,
+    })
 }
 
 impl Ownerships {

@@ -407,6 +407,29 @@ impl Policy {
         })
     }
 
+    /// The name of a stored request whose apply re-check failed, for undoing what
+    /// that request's own interrupted apply made under it. The name passed the rules
+    /// in force when it was requested; the rules may have changed since, so only
+    /// what keeps it one safe SQL identifier is checked again (non-empty, at most 63
+    /// bytes, no control or invisible characters), and never a staging name.
+    pub fn stored_name(&self, req: &ApprovalRequest) -> Result<DatabaseName, ServiceError> {
+        let raw = req.database_name.as_str();
+        if raw.is_empty()
+            || raw.len() > 63
+            || raw
+                .chars()
+                .any(|c| c.is_control() || is_invisible_or_bidi(c))
+            || raw.starts_with(crate::domain::STAGING_PREFIX)
+        {
+            return Err(ServiceError::Internal(format!(
+                "request {} has the stored name `{}`, which is not a database name this service makes",
+                req.id,
+                printable(raw)
+            )));
+        }
+        Ok(DatabaseName::new_checked(raw.to_string()))
+    }
+
     /// May this principal decide (approve or deny) this request?
     pub fn check_decider(
         &self,

@@ -153,6 +153,15 @@ pub struct RequestFilter {
     pub limit: i64,
 }
 
+/// How [`Repository::take_apply_lock`] waits for a lock another apply holds.
+#[derive(Debug, Clone, Copy)]
+pub enum LockWait {
+    /// Not at all.
+    Try,
+    /// Up to this long (a PostgreSQL interval, e.g. `30s`).
+    Wait(&'static str),
+}
+
 #[derive(Clone)]
 pub struct Repository {
     pool: Pool,
@@ -170,6 +179,54 @@ impl Repository {
     /// A connection for holding an apply lock (see `lock_pool`).
     pub async fn lock_client(&self) -> Result<deadpool_postgres::Client> {
         self.lock_pool.get().await.map_err(meta)
+    }
+
+    /// Take the apply lock of one database (target cluster and name), serializing
+    /// every apply of it across replicas: a transaction-level advisory lock, held
+    /// until `tx` (on a [`Self::lock_client`] connection) ends, so a crash or a dropped
+    /// connection releases it and it never leaks into the pool. Returns false when
+    /// the lock was not taken: at once for [`LockWait::Try`], or after `Wait`'s
+    /// `lock_timeout` (a PostgreSQL interval such as `30s`).
+    pub async fn take_apply_lock(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        target: &str,
+        name: &str,
+        wait: LockWait,
+    ) -> Result<bool> {
+        let key = format!("db-lifecycle/{target}/{name}");
+        match wait {
+            LockWait::Wait(timeout) => {
+                // set_config instead of SET LOCAL: the value is a bind parameter.
+                tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
+                    .await
+                    .map_err(meta)?;
+                match tx
+                    .execute(
+                        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                        &[&key],
+                    )
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(e)
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => Err(meta(e)),
+                }
+            }
+            LockWait::Try => Ok(tx
+                .query_one(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
+                .await
+                .map_err(meta)?
+                .get(0)),
+        }
     }
 
     pub fn pool(&self) -> &Pool {
