@@ -117,11 +117,6 @@ struct Gate {
     service: ServiceClient,
 }
 
-fn token_digest(token: &SecretToken) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(token.expose().as_bytes()).into()
-}
-
 fn session_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get(SESSION_HEADER)
@@ -229,7 +224,7 @@ async fn require_bearer(State(gate): State<Gate>, request: Request, next: Next) 
         Ok(token) => token,
         Err(refusal) => return unauthorized(refusal),
     };
-    let digest = token_digest(&token);
+    let digest = token.digest();
     let session = session_id(request.headers());
     let mut verified = true;
     match &session {

@@ -53,8 +53,7 @@ struct WaitSlot {
 
 impl WaitSlot {
     fn take(waits: &Arc<Mutex<HashMap<[u8; 32], usize>>>, token: &SecretToken) -> Option<Self> {
-        use sha2::{Digest, Sha256};
-        let digest: [u8; 32] = Sha256::digest(token.expose().as_bytes()).into();
+        let digest = token.digest();
         let mut map = waits.lock().unwrap_or_else(|e| e.into_inner());
         let running = map.entry(digest).or_default();
         if *running >= MAX_WAITS_PER_TOKEN {

@@ -117,6 +117,11 @@ impl SecretToken {
     pub fn expose(&self) -> &str {
         &self.0
     }
+    /// SHA-256 of the token: what the bridge keeps to tell tokens apart.
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.0.as_bytes()).into()
+    }
     /// Parse an `Authorization` header value: `Bearer <token>` (scheme case-insensitive).
     pub fn from_authorization_header(value: &str) -> Result<Self, TokenShapeError> {
         let (scheme, token) = value
