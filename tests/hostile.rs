@@ -726,40 +726,6 @@ async fn hostile_corpus_is_refused_with_invalid_argument_and_leaves_only_audit_r
 /// handler, audited once each, and the server serves on.
 #[tokio::test]
 async fn malformed_protobuf_is_refused() {
-    use prost::bytes::{Buf, BufMut};
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-    struct Raw;
-    impl Encoder for Raw {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-    impl Decoder for Raw {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-            let mut v = vec![0; src.remaining()];
-            src.copy_to_slice(&mut v);
-            Ok(Some(v))
-        }
-    }
-    impl Codec for Raw {
-        type Encode = Vec<u8>;
-        type Decode = Vec<u8>;
-        type Encoder = Raw;
-        type Decoder = Raw;
-        fn encoder(&mut self) -> Raw {
-            Raw
-        }
-        fn decoder(&mut self) -> Raw {
-            Raw
-        }
-    }
-
     let server = TestServer::start().await;
     let bodies: Vec<(&str, Vec<u8>)> = vec![
         // database_name (field 2) = 0xff 0xfe: not UTF-8.
@@ -783,7 +749,7 @@ async fn malformed_protobuf_is_refused() {
             .unary(
                 req,
                 http::uri::PathAndQuery::from_static("/dblifecycle.v1.DatabaseLifecycle/Create"),
-                Raw,
+                RawCodec,
             )
             .await;
         let s = r.expect_err(what);

@@ -6,44 +6,7 @@ mod common;
 use common::*;
 
 use db_lifecycle::proto::{self, database_lifecycle_client::DatabaseLifecycleClient};
-use prost::bytes::{Buf, BufMut};
-use tonic::{
-    Code, Status,
-    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
-};
-
-/// A codec that sends and receives raw bytes, to put on the wire what a
-/// generated client never would.
-struct Raw;
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut v = vec![0; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
-}
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
+use tonic::{Code, codec::CompressionEncoding};
 
 fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
@@ -63,7 +26,7 @@ async fn calls_the_library_refuses_are_answered_clearly_and_audited() {
         .client_streaming(
             authed(futures::stream::empty::<Vec<u8>>(), AGENT_A.token),
             http::uri::PathAndQuery::from_static("/dblifecycle.v1.DatabaseLifecycle/Describe"),
-            Raw,
+            RawCodec,
         )
         .await;
     let s = expect_code(none, Code::InvalidArgument);
@@ -84,7 +47,7 @@ async fn calls_the_library_refuses_are_answered_clearly_and_audited() {
             http::uri::PathAndQuery::from_static(
                 "/dblifecycle.v1.DatabaseLifecycle/DropEverything",
             ),
-            Raw,
+            RawCodec,
         )
         .await;
     let s = expect_code(unknown, Code::Unimplemented);
@@ -101,7 +64,7 @@ async fn calls_the_library_refuses_are_answered_clearly_and_audited() {
             http::uri::PathAndQuery::from_static(
                 "/dblifecycle.v1.DatabaseLifecycle/DropEverything",
             ),
-            Raw,
+            RawCodec,
         )
         .await;
     expect_code(anonymous, Code::Unauthenticated);
