@@ -29,6 +29,10 @@ pub const DEFAULT_RUN_TOKEN_ISSUER: &str = "db-lifecycle";
 pub const DEFAULT_RUN_TOKEN_AUDIENCE: &str = "db-lifecycle";
 /// HS256 keys shorter than the hash output weaken the MAC (RFC 7518 §3.2).
 pub const MIN_RUN_TOKEN_SECRET_BYTES: usize = 32;
+/// Upper bounds of the size settings.
+const MAX_POOL_SIZE: usize = 1_000;
+const MAX_CONNECTIONS_LIMIT: usize = 100_000;
+
 /// Default `max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// Default `max_connections_per_peer` (lowered to `max_connections` when that is
@@ -608,6 +612,19 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         .parse::<SocketAddr>()
         .map_err(|e| invalid("listen", format!("`{listen_raw}` is not host:port ({e})")))?;
 
+    for (var, value) in [
+        ("DB_LIFECYCLE_METADATA_URL", &ov.metadata_url),
+        ("DB_LIFECYCLE_ADMIN_URL", &ov.admin_url),
+        ("DB_LIFECYCLE_LISTEN", &ov.listen),
+    ] {
+        // Set but empty is a deployment mistake (an empty secret, say), not "unset".
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(invalid(
+                var,
+                "is set but empty; give it a value or unset it",
+            ));
+        }
+    }
     let metadata_url = ov
         .metadata_url
         .clone()
@@ -622,15 +639,17 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     check_pg_url(&metadata_url).map_err(|m| invalid("metadata_url", m))?;
 
     // Seed rule: the variable wins when set and non-empty; unset or empty falls back.
+    let file_environments = match file
+        .allowed_environments
+        .as_ref()
+        .map(|l| parse_env_list(&l.join(",")))
+    {
+        Some(list) if !list.is_empty() => list,
+        _ => parse_env_list(FALLBACK_ALLOWED_ENVS),
+    };
     let allowed_environments = match ov.allowed_envs_var.as_deref().map(parse_env_list) {
         Some(list) if !list.is_empty() => list,
-        _ => match file
-            .allowed_environments
-            .map(|l| parse_env_list(&l.join(",")))
-        {
-            Some(list) if !list.is_empty() => list,
-            _ => parse_env_list(FALLBACK_ALLOWED_ENVS),
-        },
+        _ => file_environments.clone(),
     };
     for env in &allowed_environments {
         crate::policy::validate_environment_format(env)
@@ -653,9 +672,40 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         delete: file.approval.delete.unwrap_or(ApprovalMode::Owner),
     };
 
+    // A section must name an environment the service knows: the file's list (or the
+    // built-in one) or the variable's. A misspelt section would otherwise leave the
+    // real environment on the default approval modes without a word. Sections for
+    // environments the variable leaves out are fine: narrowing the variable is how
+    // an operator takes an environment away.
+    let known: BTreeSet<&String> = file_environments
+        .iter()
+        .chain(allowed_environments.iter())
+        .collect();
     let mut environments = BTreeMap::new();
     for (raw_name, e) in file.environments {
         let name = raw_name.trim().to_lowercase();
+        let key = format!("environments.{raw_name}");
+        crate::policy::validate_environment_format(&name).map_err(|m| invalid(key.clone(), m))?;
+        if !known.contains(&name) {
+            return Err(invalid(
+                key,
+                format!(
+                    "`{name}` is not an environment of this service (known: {}); a misspelt \
+                     section would leave the environment on the default approval modes",
+                    known
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if environments.contains_key(&name) {
+            return Err(invalid(
+                key,
+                format!("a second section for environment `{name}` (names are case-insensitive)"),
+            ));
+        }
         let target = e.target.unwrap_or_else(|| DEFAULT_TARGET.to_string());
         if !targets.contains_key(&target) {
             return Err(invalid(
@@ -774,6 +824,16 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     if recovery_interval < Duration::from_millis(100) {
         return Err(invalid("recovery_interval", "must be at least 100ms"));
     }
+    const HOUR: Duration = Duration::from_secs(3600);
+    for (key, value, limit, limit_text) in [
+        ("recovery_interval", file.recovery_interval, HOUR, "1h"),
+        ("shutdown_grace", file.shutdown_grace, HOUR, "1h"),
+        ("request_ttl", file.request_ttl, 365 * 24 * HOUR, "365 days"),
+    ] {
+        if value.is_some_and(|v| v > limit) {
+            return Err(invalid(key, format!("must be at most {limit_text}")));
+        }
+    }
     for (key, size) in [
         ("admin_pool_size", file.admin_pool_size),
         ("metadata_pool_size", file.metadata_pool_size),
@@ -782,6 +842,16 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     ] {
         if size == Some(0) {
             return Err(invalid(key, "must be at least 1"));
+        }
+        // Far above any real deployment, far below what would exhaust memory or
+        // overflow the limits of the pools and semaphores built from them.
+        let limit = if key.starts_with("max_connections") {
+            MAX_CONNECTIONS_LIMIT
+        } else {
+            MAX_POOL_SIZE
+        };
+        if size.is_some_and(|n| n > limit) {
+            return Err(invalid(key, format!("must be at most {limit}")));
         }
     }
     let max_connections = file.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
@@ -888,6 +958,78 @@ mod tests {
         );
     }
 
+    fn config_error(text: &str, ov: &Overrides) -> String {
+        Config::from_toml(text, ov).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn environment_sections_must_name_a_known_environment_once() {
+        let none = Overrides::default();
+        // A typo: staging would silently keep the default modes.
+        let typo = format!(
+            "{}[approval]\ncreate = \"none\"\n[environments.stagin]\ncreate_approval = \"owner\"\n",
+            base()
+        );
+        let err = config_error(&typo, &none);
+        assert!(err.contains("environments.stagin"), "{err}");
+        assert!(err.contains("not an environment of this service"), "{err}");
+        // Two sections for one environment, differing in case.
+        let twice = format!(
+            "{}[environments.prod]\ncreate_approval = \"none\"\n[environments.PROD]\ncreate_approval = \"owner\"\n",
+            base()
+        );
+        let err = config_error(&twice, &none);
+        assert!(err.contains("a second section"), "{err}");
+        // A section for an environment the variable takes away is fine (that is how
+        // an environment is taken away), and one only the variable adds too.
+        let narrowed = Overrides {
+            allowed_envs_var: Some("dev,qa".into()),
+            ..Default::default()
+        };
+        let text = format!(
+            "{}[environments.prod]\ncreate_approval = \"owner\"\n[environments.qa]\ncreate_approval = \"none\"\n",
+            base()
+        );
+        let c = Config::from_toml(&text, &narrowed).unwrap();
+        assert_eq!(c.allowed_environments, vec!["dev", "qa"]);
+        assert!(c.environment("qa").is_some() && c.environment("prod").is_some());
+    }
+
+    #[test]
+    fn sizes_and_durations_are_bounded_and_empty_variables_refused() {
+        let none = Overrides::default();
+        for (line, key) in [
+            ("request_ttl = \"300000y\"", "request_ttl"),
+            ("recovery_interval = \"2h\"", "recovery_interval"),
+            ("shutdown_grace = \"2h\"", "shutdown_grace"),
+            ("metadata_pool_size = 100000000000", "metadata_pool_size"),
+            ("admin_pool_size = 5000", "admin_pool_size"),
+            ("max_connections = 18446744073709551615", "max_connections"),
+        ] {
+            let err = config_error(&format!("{}{line}\n", base()), &none);
+            assert!(err.contains(key), "{line}: {err}");
+        }
+        for (var, ov) in [
+            (
+                "DB_LIFECYCLE_ADMIN_URL",
+                Overrides {
+                    admin_url: Some(String::new()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "DB_LIFECYCLE_METADATA_URL",
+                Overrides {
+                    metadata_url: Some(" ".into()),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let err = config_error(base(), &ov);
+            assert!(err.contains(var) && err.contains("empty"), "{err}");
+        }
+    }
+
     #[test]
     fn principals_need_their_own_token_and_an_id_of_their_own() {
         let principal = |id: &str, hash: &str| {
@@ -915,6 +1057,8 @@ mod tests {
             ("system:x", "principals[1].id"),
             ("bob\u{200b}", "principals[1].id"),
             (" bob", "principals[1].id"),
+            ("\u{0430}lice", "principals[1].id"),
+            ("bob smith", "principals[1].id"),
         ] {
             let text = format!(
                 "{}{}{}",

@@ -277,7 +277,17 @@ async fn bad_run_tokens_are_unauthenticated_and_audited_without_the_token() {
         (
             "a zero-width space in the subject",
             sign(&with(|c| c["sub"] = "agent\u{200b}".into())),
-            "invisible",
+            "ASCII",
+        ),
+        (
+            "a Cyrillic look-alike of a configured principal",
+            sign(&with(|c| c["sub"] = "\u{0430}lice".into())),
+            "ASCII",
+        ),
+        (
+            "a fullwidth look-alike",
+            sign(&with(|c| c["sub"] = "\u{FF52}oot".into())),
+            "ASCII",
         ),
         (
             "wrong audience",
