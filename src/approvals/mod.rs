@@ -366,7 +366,26 @@ impl Approvals {
                 hint,
             });
         }
-        if !call.dry_run {
+        if call.dry_run {
+            // Nothing is stored or changed, as for any dry run: recorded under the
+            // call's own correlation id with what it found, but not in the open
+            // request's trail (a dry run is a question, like a read).
+            let mut ev = Audit::event(ctx, "dry_run.checked");
+            ev.project_id = call.project_id.clone();
+            ev.environment = call.environment.clone();
+            ev.database_name = call.database.name.to_string();
+            ev.message = format!(
+                "dry run: all checks passed; an identical {} request {} is already open ({}); the call would return it",
+                open.action, open.id, open.state
+            );
+            ev.payload = json!({
+                "action": call.action,
+                "approval_mode": call.approval_mode.as_str(),
+                "open_request_id": open.id,
+                "open_request_state": open.state,
+            });
+            self.audit.record(&ev).await?;
+        } else {
             let mut ev = Audit::request_event(
                 &open,
                 "request.repeated",
@@ -464,16 +483,23 @@ impl Approvals {
                     format!("request {} denied; nothing was changed", denied.id),
                 ))
             }
-            (None, _) => self.decided_elsewhere(req.id, decision).await,
+            (None, _) => self.decided_elsewhere(ctx, req.id, decision, reason).await,
         }
     }
 
     /// The conditional UPDATE did not match: report the state the request is in,
-    /// or refuse a decision that contradicts it.
+    /// or refuse a decision that contradicts it (audited as `call.refused` by the
+    /// transport). A decision that agrees with the state (approve of a request that
+    /// is applied or being applied, deny of a denied one: a repeat, or the loser of a
+    /// race) changes nothing and is answered OK; it is recorded as
+    /// `decision.repeated` under the call's own correlation id and with the request's
+    /// id, so the request's trail shows everyone who tried to decide it.
     async fn decided_elsewhere(
         &self,
+        ctx: &CallContext,
         id: Uuid,
         decision: Decision,
+        reason: &str,
     ) -> Result<LifecycleOutcome, ServiceError> {
         let mut current =
             self.repo
@@ -492,32 +518,59 @@ impl Approvals {
             state: current.state.to_string(),
             hint: hint.to_string(),
         };
-        match (current.state, decision) {
-            (ApprovalState::Applied, Decision::Approve) => Ok(LifecycleOutcome::for_request(
-                &current,
+        let (status, message) = match (current.state, decision) {
+            (ApprovalState::Applied, Decision::Approve) => (
                 "applied",
                 format!("request {id} was already approved and applied"),
-            )),
-            (ApprovalState::Approved, Decision::Approve) => Ok(LifecycleOutcome::for_request(
-                &current,
+            ),
+            (ApprovalState::Approved, Decision::Approve) => (
                 "in_progress",
                 format!("request {id} is already approved; its apply is in progress"),
-            )),
-            (ApprovalState::Denied, Decision::Deny) => Ok(LifecycleOutcome::for_request(
-                &current,
-                "denied",
-                format!("request {id} was already denied"),
-            )),
-            (ApprovalState::Expired, _) => Err(final_err(
-                "it can no longer be decided; submit a new request",
-            )),
-            (ApprovalState::Failed, _) => Err(final_err(&format!(
-                "apply failed ({}); submit a new request",
-                current.failure_reason.clone().unwrap_or_default()
-            ))),
-            (_, Decision::Deny) => Err(final_err("it was approved and cannot be denied now")),
-            (_, Decision::Approve) => Err(final_err("it was denied and cannot be approved now")),
-        }
+            ),
+            (ApprovalState::Denied, Decision::Deny) => {
+                ("denied", format!("request {id} was already denied"))
+            }
+            (ApprovalState::Expired, _) => {
+                return Err(final_err(
+                    "it can no longer be decided; submit a new request",
+                ));
+            }
+            (ApprovalState::Failed, _) => {
+                return Err(final_err(&format!(
+                    "apply failed ({}); submit a new request",
+                    current.failure_reason.clone().unwrap_or_default()
+                )));
+            }
+            (_, Decision::Deny) => {
+                return Err(final_err("it was approved and cannot be denied now"));
+            }
+            (_, Decision::Approve) => {
+                return Err(final_err("it was denied and cannot be approved now"));
+            }
+        };
+        let verb = match decision {
+            Decision::Approve => "approve",
+            Decision::Deny => "deny",
+        };
+        let mut ev = Audit::event(ctx, "decision.repeated");
+        ev.request_id = Some(current.id);
+        ev.project_id = current.project_id.clone();
+        ev.environment = current.environment.clone();
+        ev.database_name = current.database_name.clone();
+        ev.message = format!(
+            "{verb} by `{}` found request {id} already {} (decided by `{}`); nothing was changed",
+            ctx.principal.id,
+            current.state,
+            current.decided_by.as_deref().unwrap_or_default()
+        );
+        ev.payload = json!({
+            "decision": verb,
+            "found_state": current.state,
+            "decided_by": current.decided_by,
+            "reason": reason,
+        });
+        self.audit.record(&ev).await?;
+        Ok(LifecycleOutcome::for_request(&current, status, message))
     }
 
     /// Apply an approved request. Runs in its own task so that a caller hanging up
