@@ -93,6 +93,9 @@ enum Effect {
         /// The re-check refused the request when it was resumed, after its earlier
         /// attempt had dropped the database: only the ownership row is removed.
         refused_at_resume: Option<String>,
+        /// The database the row recorded no longer exists, and another database (this
+        /// oid) holds the name: one the service did not create, left alone.
+        name_held_by: Option<u32>,
     },
 }
 
@@ -213,6 +216,17 @@ impl Approvals {
             return Ok(own_outcome("unchanged", message));
         }
 
+        // A delete of a stale registration (the project's database was dropped outside
+        // the service and another database took the name) drops nothing: say so.
+        let stale_note = if owned.stale {
+            format!(
+                "; the database now under the name `{name}` is not the one this service created for project `{}` (that one was dropped outside the service), so this delete only removes the project's stale registration and drops nothing",
+                call.project_id
+            )
+        } else {
+            String::new()
+        };
+
         if call.dry_run {
             let message = match call.approval_mode {
                 ApprovalMode::None => format!(
@@ -225,11 +239,15 @@ impl Approvals {
                     mode.as_str()
                 ),
             };
+            let message = format!("{message}{stale_note}");
             let mut ev = base_event();
             ev.event_type = "dry_run.checked";
             ev.message = message.clone();
             ev.payload =
                 json!({ "action": call.action, "approval_mode": call.approval_mode.as_str() });
+            if owned.stale {
+                ev.payload["stale_registration"] = true.into();
+            }
             self.audit.record(&ev).await?;
             return Ok(own_outcome("dry_run", message));
         }
@@ -272,12 +290,16 @@ impl Approvals {
             ctx.principal.id,
             call.approval_mode.as_str()
         );
+        created.message.push_str(&stale_note);
         created.payload = json!({
             "action": call.action,
             "approval_mode": call.approval_mode.as_str(),
             "target_cluster": call.database.target,
             "database_existed": owned.exists,
         });
+        if owned.stale {
+            created.payload["stale_registration"] = true.into();
+        }
         let mut events = vec![created];
         if immediate {
             let mut approved = base_event();
@@ -298,7 +320,7 @@ impl Approvals {
             InsertOutcome::Inserted(req) => {
                 info!(request_id = %req.id, action = %req.action, database = %req.database_name, "request queued for approval");
                 let message = format!(
-                    "{} request {} for `{name}` queued; it needs approval by {} of project `{}` (not the requester)",
+                    "{} request {} for `{name}` queued; it needs approval by {} of project `{}` (not the requester){stale_note}",
                     req.action,
                     req.id,
                     match req.approval_mode {
@@ -795,12 +817,26 @@ impl Approvals {
                         environment: req.environment.clone(),
                     });
                 };
-                if !own.identifies(self.admin.oid(target, &db.name).await?) {
+                let current_oid = self.admin.oid(target, &db.name).await?;
+                if !own.identifies(current_oid) {
+                    // Another database holds the name. When the one the row recorded
+                    // exists nowhere on the cluster any more (dropped outside the
+                    // service, or by an interrupted earlier attempt of this very
+                    // request), nothing of the service's is left to drop: only its
+                    // registration is removed, and the other database is left alone.
+                    if self.recorded_database_gone(target, own).await? {
+                        return Ok(Effect::Dropped {
+                            already_gone: true,
+                            resumed,
+                            refused_at_resume: None,
+                            name_held_by: current_oid,
+                        });
+                    }
                     return Err(ServiceError::UnmanagedDatabase {
                         name: db.name.to_string(),
                     });
                 }
-                self.repo.mark_deleting(req).await?;
+                self.repo.mark_deleting(req, current_oid).await?;
                 self.fault("after_intent", req).await;
                 let existed = self.admin.drop_database(target, &db.name).await?;
                 self.fault("after_drop", req).await;
@@ -808,6 +844,7 @@ impl Approvals {
                     already_gone: !existed,
                     resumed,
                     refused_at_resume: None,
+                    name_held_by: None,
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
@@ -907,9 +944,24 @@ impl Approvals {
                     already_gone: true,
                     resumed: true,
                     refused_at_resume: Some(refused.to_string()),
+                    name_held_by: current,
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
+        }
+    }
+
+    /// Whether the database an ownership row recorded (by oid) no longer exists on
+    /// the target under any name. False when the row records no oid: then nothing
+    /// is known about its database.
+    async fn recorded_database_gone(
+        &self,
+        target: &str,
+        own: &crate::domain::Ownership,
+    ) -> Result<bool, ServiceError> {
+        match own.database_oid {
+            Some(oid) => Ok(self.admin.name_of_oid(target, oid).await?.is_none()),
+            None => Ok(false),
         }
     }
 
@@ -940,6 +992,8 @@ impl Approvals {
         };
         let mut client = self.repo.client().await?;
         let tx = client.transaction().await.map_err(ServiceError::metadata)?;
+        // The answer's message, when the request's state alone does not tell it.
+        let mut answer = None;
         let (state, event) = match &effect {
             Ok(effect) => {
                 let (message, payload) = match effect {
@@ -971,9 +1025,10 @@ impl Approvals {
                         already_gone,
                         resumed,
                         refused_at_resume,
+                        name_held_by,
                     } => {
                         self.repo.remove_ownership(&tx, req).await?;
-                        let message = if let Some(refused) = refused_at_resume {
+                        let mut message = if let Some(refused) = refused_at_resume {
                             format!(
                                 "database `{}` had already been dropped by an interrupted earlier attempt of this request (or outside the service); its ownership row is removed. The re-check when resuming refused the request ({refused}), so nothing else was done",
                                 req.database_name
@@ -994,10 +1049,16 @@ impl Approvals {
                                 req.database_name
                             )
                         };
-                        (
-                            message,
-                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume }),
-                        )
+                        let mut payload = json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume });
+                        if let Some(oid) = name_held_by {
+                            message.push_str(&format!(
+                                ". Another database now holds the name `{}` (oid {oid}); this service did not create it, so it was not dropped and is not managed",
+                                req.database_name
+                            ));
+                            payload["unmanaged_database_oid_left_alone"] = (*oid).into();
+                            answer = Some(message.clone());
+                        }
+                        (message, payload)
                     }
                 };
                 let mut ev =
@@ -1050,7 +1111,14 @@ impl Approvals {
             ),
             _ => info!(request_id = %req.id, state = %current.state, "apply finished"),
         }
-        Ok(self.report(&current))
+        let mut out = self.report(&current);
+        if let (true, ApprovalState::Applied, Some(message)) = (finished, current.state, answer) {
+            // A delete that removed only a stale registration: a database (someone
+            // else's) still exists under the name, and nothing was dropped.
+            out.message = message;
+            out.exists = true;
+        }
+        Ok(out)
     }
 
     fn report(&self, req: &ApprovalRequest) -> LifecycleOutcome {

@@ -524,6 +524,23 @@ impl Caller {
         .map(|r| r.into_inner().events)
     }
 
+    /// Names of the databases ListDatabases lists for the caller's project.
+    pub async fn listed_databases(&self) -> Result<Vec<String>, Status> {
+        let mut c = self.client.clone();
+        c.list_databases(self.request(proto::ListDatabasesRequest {
+            page_size: 500,
+            ..Default::default()
+        }))
+        .await
+        .map(|r| {
+            r.into_inner()
+                .databases
+                .into_iter()
+                .map(|d| d.database_name)
+                .collect()
+        })
+    }
+
     pub async fn events_by_request(&self, rid: &str) -> Result<Vec<proto::FlowEvent>, Status> {
         let mut c = self.client.clone();
         c.list_flow_events(self.request(proto::ListFlowEventsRequest {
