@@ -108,10 +108,16 @@ async fn deny_changes_nothing_is_idempotent_and_cannot_be_approved_afterwards() 
     assert!(!db_exists(&name).await);
 
     let trail = event_types(&agent.events_by_request(&rid).await.unwrap());
-    // The refused late approve is on the request's trail too.
+    // The repeated deny (answered OK, nothing changed) and the refused late approve
+    // are on the request's trail too.
     assert_eq!(
         trail,
-        vec!["request.created", "request.denied", "call.refused"]
+        vec![
+            "request.created",
+            "request.denied",
+            "decision.repeated",
+            "call.refused"
+        ]
     );
 
     // A denied request does not block a new one for the same name.
