@@ -108,10 +108,16 @@ async fn deny_changes_nothing_is_idempotent_and_cannot_be_approved_afterwards() 
     assert!(!db_exists(&name).await);
 
     let trail = event_types(&agent.events_by_request(&rid).await.unwrap());
-    // The refused late approve is on the request's trail too.
+    // The repeated deny (answered OK, nothing changed) and the refused late approve
+    // are on the request's trail too.
     assert_eq!(
         trail,
-        vec!["request.created", "request.denied", "call.refused"]
+        vec![
+            "request.created",
+            "request.denied",
+            "decision.repeated",
+            "call.refused"
+        ]
     );
 
     // A denied request does not block a new one for the same name.
@@ -1198,4 +1204,203 @@ async fn approve_whose_apply_cannot_start_is_answered_approved_and_deferred() {
     assert_ownership_consistent(&server, &[&held, &deferred]).await;
     drop_by_hand(&held).await;
     drop_by_hand(&deferred).await;
+}
+
+// ---------- calls answered OK without changing anything are recorded ----------
+
+/// Approve/deny through `caller` with its own correlation id.
+async fn decide_with_correlation(
+    caller: &Caller,
+    request_id: &str,
+    approve: bool,
+    reason: &str,
+    correlation_id: &str,
+) -> Result<proto::LifecycleResult, Status> {
+    let mut client = caller.client.clone();
+    client
+        .approve(caller.request_with_correlation(
+            proto::ApproveRequest {
+                request_id: request_id.into(),
+                decision: if approve {
+                    proto::Decision::Approve
+                } else {
+                    proto::Decision::Deny
+                } as i32,
+                reason: reason.into(),
+            },
+            correlation_id,
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The one row a call answered OK left under its correlation id; it names the
+/// request (so the request's trail shows who tried to decide it) and the caller.
+async fn the_decision_repeated_row(
+    server: &TestServer,
+    cid: &str,
+    request_id: &str,
+    actor: &P,
+    found_state: &str,
+) {
+    let rows = rows_carrying(server, cid).await;
+    assert_eq!(rows.len(), 1, "exactly one row carries {cid}: {rows:?}");
+    let row = &rows[0];
+    assert_eq!(row.event_type, "decision.repeated", "{row:?}");
+    assert_eq!(row.correlation_id, cid, "under the call's own id: {row:?}");
+    assert_eq!(row.request_id.as_deref(), Some(request_id), "{row:?}");
+    assert_eq!(row.actor_id, actor.id, "{row:?}");
+    assert_eq!(row.outcome, "ok", "{row:?}");
+    assert_eq!(row.project_id, "alpha", "{row:?}");
+    assert_eq!(row.payload["found_state"], found_state, "{row:?}");
+    let trail = event_types(
+        &server
+            .as_(&OWNER_A)
+            .await
+            .events_by_request(request_id)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        trail.iter().any(|t| t == "decision.repeated"),
+        "the request's trail shows the repeated decision: {trail:?}"
+    );
+}
+
+/// A repeated Approve of an applied request (`applied`), a repeated Deny of a
+/// denied one (`denied`) and a dry run identical to an open request each answer OK
+/// and change nothing; each leaves exactly one row carrying its correlation id, and
+/// no terminal event is added.
+#[tokio::test]
+async fn ok_answers_that_change_nothing_leave_one_row_under_their_correlation_id() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let owner = server.as_(&OWNER_A).await;
+    let admin = server.as_(&ADMIN).await;
+    let tag = unique("ok_rows");
+
+    // Approve of an applied request.
+    let name = unique("ok_applied");
+    let rid = agent.create("dev", &name).await.unwrap().request_id;
+    assert_eq!(owner.approve(&rid).await.unwrap().status, "applied");
+    let cid = format!("{tag}-approve-again");
+    let again = decide_with_correlation(&admin, &rid, true, "me too", &cid)
+        .await
+        .unwrap();
+    assert_eq!(again.status, "applied", "{}", again.message);
+    assert_eq!(again.correlation_id, cid);
+    the_decision_repeated_row(&server, &cid, &rid, &ADMIN, "applied").await;
+    assert_eq!(
+        request_event_count(&server, &rid, "request.applied").await,
+        1
+    );
+    assert_eq!(
+        request_event_count(&server, &rid, "request.approved").await,
+        1
+    );
+
+    // Deny of a denied request.
+    let denied_name = unique("ok_denied");
+    let denied = agent.create("dev", &denied_name).await.unwrap().request_id;
+    assert_eq!(
+        owner.deny(&denied, "not now").await.unwrap().status,
+        "denied"
+    );
+    let cid = format!("{tag}-deny-again");
+    let again = decide_with_correlation(&admin, &denied, false, "agreed", &cid)
+        .await
+        .unwrap();
+    assert_eq!(again.status, "denied", "{}", again.message);
+    the_decision_repeated_row(&server, &cid, &denied, &ADMIN, "denied").await;
+    assert_eq!(
+        request_event_count(&server, &denied, "request.denied").await,
+        1
+    );
+
+    // A dry run identical to an open request.
+    let open_name = unique("ok_dry_open");
+    let open = agent.create("dev", &open_name).await.unwrap().request_id;
+    let cid = format!("{tag}-dry-open");
+    let mut client = agent.client.clone();
+    let dry = client
+        .create(agent.request_with_correlation(
+            CreateDatabaseRequest {
+                environment: "dev".into(),
+                database_name: open_name.clone(),
+                dry_run: true,
+                ..Default::default()
+            },
+            &cid,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dry.dry_run, "{dry:?}");
+    assert_eq!(dry.request_id, open, "{}", dry.message);
+    let rows = rows_carrying(&server, &cid).await;
+    assert_eq!(rows.len(), 1, "exactly one row carries {cid}: {rows:?}");
+    let row = &rows[0];
+    assert_eq!(row.event_type, "dry_run.checked", "{row:?}");
+    assert_eq!(row.actor_id, AGENT_A.id, "{row:?}");
+    assert_eq!(row.project_id, "alpha", "{row:?}");
+    assert_eq!(row.payload["open_request_id"], open.as_str(), "{row:?}");
+    assert_eq!(row.payload["open_request_state"], "requested", "{row:?}");
+    assert_eq!(
+        row.request_id, None,
+        "a dry run stays out of the request's trail, like a read"
+    );
+    assert_eq!(
+        request_event_count(&server, &open, "request.repeated").await,
+        0,
+        "a dry run is not a repeated request"
+    );
+    assert_eq!(request_count(&server).await, 3, "nothing stored");
+    assert!(!db_exists(&open_name).await);
+    drop_by_hand(&name).await;
+}
+
+/// An Approve that loses to another one (the winner's apply is still running: here
+/// parked at a test-only fault point, so the order is certain) is answered OK,
+/// `in_progress`, and leaves exactly one row carrying its correlation id.
+#[tokio::test]
+async fn a_losing_approve_leaves_one_row_under_its_correlation_id() {
+    let mut server = TestServer::start_with(Options {
+        extra_toml: "fault_points = [\"after_claim\"]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let name = unique("ok_losing");
+    let rid = server
+        .as_(&AGENT_A)
+        .await
+        .create("dev", &name)
+        .await
+        .unwrap()
+        .request_id;
+    let owner = server.as_(&OWNER_A).await;
+    let parked = {
+        let rid = rid.clone();
+        tokio::spawn(async move { owner.approve(&rid).await })
+    };
+    assert!(
+        server
+            .wait_for_log(
+                "fault point after_claim reached",
+                std::time::Duration::from_secs(30)
+            )
+            .await
+    );
+    let cid = unique("ok-losing-approve");
+    let lost = decide_with_correlation(&server.as_(&ADMIN).await, &rid, true, "", &cid)
+        .await
+        .unwrap();
+    assert_eq!(lost.status, "in_progress", "{}", lost.message);
+    assert_eq!(lost.approval_state, ApprovalState::Approved as i32);
+    the_decision_repeated_row(&server, &cid, &rid, &ADMIN, "approved").await;
+    assert_eq!(
+        request_event_count(&server, &rid, "request.approved").await,
+        1
+    );
+    server.kill();
+    let _ = parked.await;
 }

@@ -816,9 +816,12 @@ async fn c15_delete_without_confirmation_refused_nothing_queued_audited() {
 
 /// Drift, the other way: a managed database dropped by hand and re-created by hand
 /// under the same name is a different database. The service does not adopt it:
-/// describe says it is not managed, delete refuses to drop it, create refuses.
+/// describe says it is not managed (and that the project's registration is stale),
+/// create refuses. The owning project's confirmed, approved delete removes the stale
+/// ownership row, drops nothing (the hand-made database keeps its oid), ends
+/// `applied` and says so; afterwards the name is nobody's.
 #[tokio::test]
-async fn drift_database_recreated_by_hand_is_neither_adopted_nor_dropped() {
+async fn drift_database_recreated_by_hand_is_never_dropped_and_delete_removes_the_stale_row() {
     let server = TestServer::start().await;
     let agent = server.as_(&AGENT_A).await;
     let owner = server.as_(&OWNER_A).await;
@@ -831,6 +834,7 @@ async fn drift_database_recreated_by_hand_is_neither_adopted_nor_dropped() {
 
     drop_by_hand(&name).await;
     create_by_hand(&name).await;
+    let hand_made = pg_database_oid(&name).await.unwrap();
 
     let d = agent.describe("dev", &name).await.unwrap();
     assert!(d.exists);
@@ -839,23 +843,81 @@ async fn drift_database_recreated_by_hand_is_neither_adopted_nor_dropped() {
         "a re-created database must not count as owned"
     );
     assert!(d.message.contains("re-created"), "{}", d.message);
-
-    let del = expect_code(agent.delete("dev", &name, true).await, Code::NotFound);
-    assert!(del.message().contains(&name), "{}", del.message());
+    assert!(
+        d.message.contains("stale") && d.message.contains("drops nothing"),
+        "{}",
+        d.message
+    );
     let create = expect_code(agent.create("dev", &name).await, Code::AlreadyExists);
     assert!(
         create.message().contains("not be adopted"),
         "{}",
         create.message()
     );
+
+    let queued = agent.delete("dev", &name, true).await.unwrap();
+    assert_eq!(queued.status, "approval_required", "{}", queued.message);
+    assert!(queued.exists && !queued.owned_by_project, "{queued:?}");
     assert!(
-        db_exists(&name).await,
-        "the hand-made database must survive"
+        queued.message.contains("drops nothing"),
+        "the caller is told before anyone approves: {}",
+        queued.message
     );
+    let applied = owner.approve(&queued.request_id).await.unwrap();
+    assert_eq!(applied.status, "applied", "{}", applied.message);
+    assert!(
+        applied.exists && !applied.owned_by_project,
+        "a database (not the project's) is still under the name: {applied:?}"
+    );
+    assert!(
+        applied.message.contains("did not create") && applied.message.contains("not dropped"),
+        "{}",
+        applied.message
+    );
+    assert_eq!(
+        pg_database_oid(&name).await,
+        Some(hand_made),
+        "the hand-made database must survive, untouched"
+    );
+    assert!(
+        ownership_row(&server, &name).await.is_none(),
+        "stale row removed"
+    );
+    let events = owner.events_by_request(&queued.request_id).await.unwrap();
+    let applied_ev = events
+        .iter()
+        .find(|e| e.event_type == "request.applied")
+        .unwrap_or_else(|| panic!("no request.applied in {:?}", event_types(&events)));
+    let payload: serde_json::Value = serde_json::from_str(&applied_ev.payload_json).unwrap();
+    assert_eq!(payload["already_gone"], true, "{payload}");
+    assert_eq!(payload["resumed"], false, "{payload}");
+    assert_eq!(
+        payload["unmanaged_database_oid_left_alone"], hand_made,
+        "{payload}"
+    );
+
+    // Databases and ownership rows agree again: the name is nobody's.
+    assert!(!agent.listed_databases().await.unwrap().contains(&name));
+    let d = agent.describe("dev", &name).await.unwrap();
+    assert!(d.exists && !d.owned_by_project, "{}", d.message);
+    assert!(!d.message.contains("stale"), "{}", d.message);
+    let del = expect_code(agent.delete("dev", &name, true).await, Code::NotFound);
+    assert!(
+        del.message().contains("not be dropped"),
+        "{}",
+        del.message()
+    );
+    expect_code(
+        server.as_(&AGENT_B).await.create("dev", &name).await,
+        Code::AlreadyExists,
+    );
+    assert_eq!(pg_database_oid(&name).await, Some(hand_made));
+    drop_by_hand(&name).await;
 }
 
-/// A delete queued before the database was swapped by hand fails at apply time
-/// instead of dropping the stranger.
+/// A delete queued before the database was swapped by hand never drops the
+/// stranger: the project's database is gone, so the approved delete removes only its
+/// ownership row and ends `applied`, saying the other database was left alone.
 #[tokio::test]
 async fn drift_swap_between_request_and_approval_is_not_dropped() {
     let server = TestServer::start().await;
@@ -872,13 +934,60 @@ async fn drift_swap_between_request_and_approval_is_not_dropped() {
 
     drop_by_hand(&name).await;
     create_by_hand(&name).await;
+    let hand_made = pg_database_oid(&name).await.unwrap();
 
     let applied = owner.approve(&del.request_id).await.unwrap();
-    assert_eq!(applied.status, "failed", "{}", applied.message);
+    assert_eq!(applied.status, "applied", "{}", applied.message);
     assert!(
-        db_exists(&name).await,
+        applied.message.contains("not dropped"),
+        "{}",
+        applied.message
+    );
+    assert_eq!(
+        pg_database_oid(&name).await,
+        Some(hand_made),
         "the hand-made database must survive"
     );
+    assert!(ownership_row(&server, &name).await.is_none());
+    drop_by_hand(&name).await;
+}
+
+/// The service's database renamed away by hand (it still exists, under another
+/// name) and another one made under its name: the project's database is not gone,
+/// so nothing is treated as stale. Delete refuses (NOT_FOUND: the database under the
+/// name is not managed), the row stays, and nothing is dropped.
+#[tokio::test]
+async fn drift_managed_database_renamed_away_is_not_taken_for_gone() {
+    let server = TestServer::start().await;
+    let agent = server.as_(&AGENT_A).await;
+    let name = unique("renamed");
+    let moved = format!("{name}_moved");
+    create_managed(&server, "dev", &name).await;
+    let managed = pg_database_oid(&name).await.unwrap();
+    target()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            db_lifecycle::domain::quote_identifier(&name),
+            db_lifecycle::domain::quote_identifier(&moved)
+        ))
+        .await
+        .unwrap();
+    create_by_hand(&name).await;
+    let hand_made = pg_database_oid(&name).await.unwrap();
+
+    let d = agent.describe("dev", &name).await.unwrap();
+    assert!(d.exists && !d.owned_by_project, "{}", d.message);
+    assert!(!d.message.contains("stale"), "{}", d.message);
+    expect_code(agent.delete("dev", &name, true).await, Code::NotFound);
+    assert_eq!(
+        ownership_row(&server, &name).await.map(|r| r.2).as_deref(),
+        Some("active")
+    );
+    assert_eq!(pg_database_oid(&name).await, Some(hand_made));
+    assert_eq!(pg_database_oid(&moved).await, Some(managed));
+    drop_by_hand(&name).await;
+    drop_by_hand(&moved).await;
 }
 
 /// A delete that fails for good (here: PostgreSQL refuses to drop a template

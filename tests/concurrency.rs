@@ -218,6 +218,17 @@ async fn concurrent_approves_across_replicas_apply_exactly_once() {
         applied >= 1,
         "the winning approval must report applied: {results:?}"
     );
+    // Every call, winner or loser, answered OK or not, is one row carrying its
+    // correlation id: the winner's `request.approved` (the id in its payload), the
+    // losers' `decision.repeated`, a refusal's `call.refused`.
+    for r in &results {
+        let cid = match r {
+            Ok(r) => r.correlation_id.clone(),
+            Err(s) => status_correlation_id(s),
+        };
+        let rows = rows_carrying(&s1, &cid).await;
+        assert_eq!(rows.len(), 1, "call {cid} ({r:?}) left {rows:?}");
+    }
 
     assert_eq!(event_count(&s1, &id, "request.applied").await, 1);
     assert_eq!(event_count(&s1, &id, "request.approved").await, 1);

@@ -439,6 +439,127 @@ async fn resumed_delete_is_audited_as_resumed() {
     assert_eq!(request_event_count(&server, &rid, "apply.started").await, 2);
 }
 
+/// A delete is killed right after its DROP, and before the restart someone creates a
+/// database of the same name by hand. The resumed delete did drop its own database
+/// (identified by oid), so it ends `applied` and removes the ownership row; the
+/// hand-made database is never touched and never becomes the project's; the audit
+/// says what happened.
+#[tokio::test]
+async fn delete_killed_after_drop_leaves_a_hand_made_database_of_the_name_alone() {
+    let name = unique("ft_drop_then_hand");
+    let mut server = TestServer::start().await;
+    let r = server
+        .as_(&AGENT_A)
+        .await
+        .create("dev", &name)
+        .await
+        .unwrap();
+    server
+        .as_(&OWNER_A)
+        .await
+        .approve(&r.request_id)
+        .await
+        .unwrap();
+    let managed_oid = oid_of(&name).await.expect("managed database");
+    server.prepend_config("fault_points = [\"after_drop\"]");
+    server.restart(&Options::default()).await;
+    let rid = server
+        .as_(&AGENT_A)
+        .await
+        .delete("dev", &name, true)
+        .await
+        .unwrap()
+        .request_id;
+    let owner = server.as_(&OWNER_A).await;
+    let rid2 = rid.clone();
+    let _hung = tokio::spawn(async move { owner.approve(&rid2).await });
+    assert!(
+        server
+            .wait_for_log("fault point after_drop reached", FAULT_LIMIT)
+            .await
+    );
+    assert!(!db_exists(&name).await, "dropped at after_drop");
+    server.kill();
+    create_by_hand(&name).await;
+    let hand_made_oid = oid_of(&name).await.unwrap();
+    assert_ne!(hand_made_oid, managed_oid);
+    server.remove_config_key("fault_points");
+    server.restart(&Options::default()).await;
+
+    assert_eq!(
+        wait_final(&server, &rid, RECOVERY_LIMIT).await.as_deref(),
+        Some("applied"),
+        "the delete did drop its database; log:\n{}",
+        server.log()
+    );
+    assert_eq!(
+        oid_of(&name).await,
+        Some(hand_made_oid),
+        "the hand-made database is untouched"
+    );
+    assert!(
+        ownership_rows(&server, &name).await.is_empty(),
+        "no ownership row is left for the dropped database"
+    );
+    assert_eq!(
+        request_event_count(&server, &rid, "request.applied").await,
+        1
+    );
+    assert_eq!(
+        request_event_count(&server, &rid, "request.failed").await,
+        0
+    );
+    let (message, payload): (String, String) = server
+        .meta()
+        .await
+        .query_one(
+            "SELECT message, payload::text FROM flow_events WHERE request_id = $1::text::uuid \
+             AND event_type = 'request.applied'",
+            &[&rid],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(payload["resumed"], true, "{payload}");
+    assert_eq!(payload["already_gone"], true, "{payload}");
+    assert_eq!(
+        payload["unmanaged_database_oid_left_alone"], hand_made_oid,
+        "{payload}"
+    );
+    assert!(
+        message.contains("did not create") && message.contains("not dropped"),
+        "{message}"
+    );
+    assert_ownership_consistent(&server, &[]).await;
+
+    // The name is nobody's now: the hand-made database is described as unmanaged,
+    // not listed, never adopted or dropped, and no project is told it is another's.
+    let agent = server.as_(&AGENT_A).await;
+    assert!(
+        !agent.listed_databases().await.unwrap().contains(&name),
+        "ListDatabases no longer lists it"
+    );
+    let described = agent.describe("dev", &name).await.unwrap();
+    assert!(
+        described.exists && !described.owned_by_project,
+        "{described:?}"
+    );
+    assert!(
+        described.message.contains("not managed"),
+        "{}",
+        described.message
+    );
+    expect_code(agent.create("dev", &name).await, Code::AlreadyExists);
+    expect_code(agent.delete("dev", &name, true).await, Code::NotFound);
+    expect_code(
+        server.as_(&AGENT_B).await.create("dev", &name).await,
+        Code::AlreadyExists,
+    );
+    assert_eq!(oid_of(&name).await, Some(hand_made_oid));
+    drop_by_hand(&name).await;
+}
+
 // ---------- a resumed apply that the changed configuration refuses ----------
 
 /// How the configuration changes while the apply is down.

@@ -111,6 +111,29 @@ impl AdminClient {
         Ok(row.map(|r| r.get::<_, u32>(0)))
     }
 
+    /// The name of the database with this oid, None when no database has it (it was
+    /// dropped). Tells a managed database that was dropped apart from one that was
+    /// renamed: the identity an ownership row records is the oid, not the name.
+    pub async fn name_of_oid(
+        &self,
+        target: &str,
+        oid: i64,
+    ) -> Result<Option<String>, ServiceError> {
+        // pg_database oids are unsigned 32-bit: any other value names no database.
+        let Ok(oid) = u32::try_from(oid) else {
+            return Ok(None);
+        };
+        let c = self.client(target).await?;
+        let row = c
+            .query_opt(
+                "SELECT datname::text FROM pg_database WHERE oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(|e| ServiceError::target(target, e))?;
+        Ok(row.map(|r| r.get::<_, String>(0)))
+    }
+
     pub async fn exists(&self, target: &str, name: &DatabaseName) -> Result<bool, ServiceError> {
         let c = self.client(target).await?;
         let row = c

@@ -93,6 +93,9 @@ enum Effect {
         /// The re-check refused the request when it was resumed, after its earlier
         /// attempt had dropped the database: only the ownership row is removed.
         refused_at_resume: Option<String>,
+        /// The database the row recorded no longer exists, and another database (this
+        /// oid) holds the name: one the service did not create, left alone.
+        name_held_by: Option<u32>,
     },
 }
 
@@ -213,6 +216,17 @@ impl Approvals {
             return Ok(own_outcome("unchanged", message));
         }
 
+        // A delete of a stale registration (the project's database was dropped outside
+        // the service and another database took the name) drops nothing: say so.
+        let stale_note = if owned.stale {
+            format!(
+                "; the database now under the name `{name}` is not the one this service created for project `{}` (that one was dropped outside the service), so this delete only removes the project's stale registration and drops nothing",
+                call.project_id
+            )
+        } else {
+            String::new()
+        };
+
         if call.dry_run {
             let message = match call.approval_mode {
                 ApprovalMode::None => format!(
@@ -225,11 +239,15 @@ impl Approvals {
                     mode.as_str()
                 ),
             };
+            let message = format!("{message}{stale_note}");
             let mut ev = base_event();
             ev.event_type = "dry_run.checked";
             ev.message = message.clone();
             ev.payload =
                 json!({ "action": call.action, "approval_mode": call.approval_mode.as_str() });
+            if owned.stale {
+                ev.payload["stale_registration"] = true.into();
+            }
             self.audit.record(&ev).await?;
             return Ok(own_outcome("dry_run", message));
         }
@@ -272,12 +290,16 @@ impl Approvals {
             ctx.principal.id,
             call.approval_mode.as_str()
         );
+        created.message.push_str(&stale_note);
         created.payload = json!({
             "action": call.action,
             "approval_mode": call.approval_mode.as_str(),
             "target_cluster": call.database.target,
             "database_existed": owned.exists,
         });
+        if owned.stale {
+            created.payload["stale_registration"] = true.into();
+        }
         let mut events = vec![created];
         if immediate {
             let mut approved = base_event();
@@ -298,7 +320,7 @@ impl Approvals {
             InsertOutcome::Inserted(req) => {
                 info!(request_id = %req.id, action = %req.action, database = %req.database_name, "request queued for approval");
                 let message = format!(
-                    "{} request {} for `{name}` queued; it needs approval by {} of project `{}` (not the requester)",
+                    "{} request {} for `{name}` queued; it needs approval by {} of project `{}` (not the requester){stale_note}",
                     req.action,
                     req.id,
                     match req.approval_mode {
@@ -366,7 +388,26 @@ impl Approvals {
                 hint,
             });
         }
-        if !call.dry_run {
+        if call.dry_run {
+            // Nothing is stored or changed, as for any dry run: recorded under the
+            // call's own correlation id with what it found, but not in the open
+            // request's trail (a dry run is a question, like a read).
+            let mut ev = Audit::event(ctx, "dry_run.checked");
+            ev.project_id = call.project_id.clone();
+            ev.environment = call.environment.clone();
+            ev.database_name = call.database.name.to_string();
+            ev.message = format!(
+                "dry run: all checks passed; an identical {} request {} is already open ({}); the call would return it",
+                open.action, open.id, open.state
+            );
+            ev.payload = json!({
+                "action": call.action,
+                "approval_mode": call.approval_mode.as_str(),
+                "open_request_id": open.id,
+                "open_request_state": open.state,
+            });
+            self.audit.record(&ev).await?;
+        } else {
             let mut ev = Audit::request_event(
                 &open,
                 "request.repeated",
@@ -464,16 +505,23 @@ impl Approvals {
                     format!("request {} denied; nothing was changed", denied.id),
                 ))
             }
-            (None, _) => self.decided_elsewhere(req.id, decision).await,
+            (None, _) => self.decided_elsewhere(ctx, req.id, decision, reason).await,
         }
     }
 
     /// The conditional UPDATE did not match: report the state the request is in,
-    /// or refuse a decision that contradicts it.
+    /// or refuse a decision that contradicts it (audited as `call.refused` by the
+    /// transport). A decision that agrees with the state (approve of a request that
+    /// is applied or being applied, deny of a denied one: a repeat, or the loser of a
+    /// race) changes nothing and is answered OK; it is recorded as
+    /// `decision.repeated` under the call's own correlation id and with the request's
+    /// id, so the request's trail shows everyone who tried to decide it.
     async fn decided_elsewhere(
         &self,
+        ctx: &CallContext,
         id: Uuid,
         decision: Decision,
+        reason: &str,
     ) -> Result<LifecycleOutcome, ServiceError> {
         let mut current =
             self.repo
@@ -492,32 +540,59 @@ impl Approvals {
             state: current.state.to_string(),
             hint: hint.to_string(),
         };
-        match (current.state, decision) {
-            (ApprovalState::Applied, Decision::Approve) => Ok(LifecycleOutcome::for_request(
-                &current,
+        let (status, message) = match (current.state, decision) {
+            (ApprovalState::Applied, Decision::Approve) => (
                 "applied",
                 format!("request {id} was already approved and applied"),
-            )),
-            (ApprovalState::Approved, Decision::Approve) => Ok(LifecycleOutcome::for_request(
-                &current,
+            ),
+            (ApprovalState::Approved, Decision::Approve) => (
                 "in_progress",
                 format!("request {id} is already approved; its apply is in progress"),
-            )),
-            (ApprovalState::Denied, Decision::Deny) => Ok(LifecycleOutcome::for_request(
-                &current,
-                "denied",
-                format!("request {id} was already denied"),
-            )),
-            (ApprovalState::Expired, _) => Err(final_err(
-                "it can no longer be decided; submit a new request",
-            )),
-            (ApprovalState::Failed, _) => Err(final_err(&format!(
-                "apply failed ({}); submit a new request",
-                current.failure_reason.clone().unwrap_or_default()
-            ))),
-            (_, Decision::Deny) => Err(final_err("it was approved and cannot be denied now")),
-            (_, Decision::Approve) => Err(final_err("it was denied and cannot be approved now")),
-        }
+            ),
+            (ApprovalState::Denied, Decision::Deny) => {
+                ("denied", format!("request {id} was already denied"))
+            }
+            (ApprovalState::Expired, _) => {
+                return Err(final_err(
+                    "it can no longer be decided; submit a new request",
+                ));
+            }
+            (ApprovalState::Failed, _) => {
+                return Err(final_err(&format!(
+                    "apply failed ({}); submit a new request",
+                    current.failure_reason.clone().unwrap_or_default()
+                )));
+            }
+            (_, Decision::Deny) => {
+                return Err(final_err("it was approved and cannot be denied now"));
+            }
+            (_, Decision::Approve) => {
+                return Err(final_err("it was denied and cannot be approved now"));
+            }
+        };
+        let verb = match decision {
+            Decision::Approve => "approve",
+            Decision::Deny => "deny",
+        };
+        let mut ev = Audit::event(ctx, "decision.repeated");
+        ev.request_id = Some(current.id);
+        ev.project_id = current.project_id.clone();
+        ev.environment = current.environment.clone();
+        ev.database_name = current.database_name.clone();
+        ev.message = format!(
+            "{verb} by `{}` found request {id} already {} (decided by `{}`); nothing was changed",
+            ctx.principal.id,
+            current.state,
+            current.decided_by.as_deref().unwrap_or_default()
+        );
+        ev.payload = json!({
+            "decision": verb,
+            "found_state": current.state,
+            "decided_by": current.decided_by,
+            "reason": reason,
+        });
+        self.audit.record(&ev).await?;
+        Ok(LifecycleOutcome::for_request(&current, status, message))
     }
 
     /// Apply an approved request. Runs in its own task so that a caller hanging up
@@ -742,12 +817,26 @@ impl Approvals {
                         environment: req.environment.clone(),
                     });
                 };
-                if !own.identifies(self.admin.oid(target, &db.name).await?) {
+                let current_oid = self.admin.oid(target, &db.name).await?;
+                if !own.identifies(current_oid) {
+                    // Another database holds the name. When the one the row recorded
+                    // exists nowhere on the cluster any more (dropped outside the
+                    // service, or by an interrupted earlier attempt of this very
+                    // request), nothing of the service's is left to drop: only its
+                    // registration is removed, and the other database is left alone.
+                    if self.recorded_database_gone(target, own).await? {
+                        return Ok(Effect::Dropped {
+                            already_gone: true,
+                            resumed,
+                            refused_at_resume: None,
+                            name_held_by: current_oid,
+                        });
+                    }
                     return Err(ServiceError::UnmanagedDatabase {
                         name: db.name.to_string(),
                     });
                 }
-                self.repo.mark_deleting(req).await?;
+                self.repo.mark_deleting(req, current_oid).await?;
                 self.fault("after_intent", req).await;
                 let existed = self.admin.drop_database(target, &db.name).await?;
                 self.fault("after_drop", req).await;
@@ -755,6 +844,7 @@ impl Approvals {
                     already_gone: !existed,
                     resumed,
                     refused_at_resume: None,
+                    name_held_by: None,
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
@@ -854,9 +944,24 @@ impl Approvals {
                     already_gone: true,
                     resumed: true,
                     refused_at_resume: Some(refused.to_string()),
+                    name_held_by: current,
                 })
             }
             Action::Describe => Err(ServiceError::Internal("describe is never queued".into())),
+        }
+    }
+
+    /// Whether the database an ownership row recorded (by oid) no longer exists on
+    /// the target under any name. False when the row records no oid: then nothing
+    /// is known about its database.
+    async fn recorded_database_gone(
+        &self,
+        target: &str,
+        own: &crate::domain::Ownership,
+    ) -> Result<bool, ServiceError> {
+        match own.database_oid {
+            Some(oid) => Ok(self.admin.name_of_oid(target, oid).await?.is_none()),
+            None => Ok(false),
         }
     }
 
@@ -887,6 +992,8 @@ impl Approvals {
         };
         let mut client = self.repo.client().await?;
         let tx = client.transaction().await.map_err(ServiceError::metadata)?;
+        // The answer's message, when the request's state alone does not tell it.
+        let mut answer = None;
         let (state, event) = match &effect {
             Ok(effect) => {
                 let (message, payload) = match effect {
@@ -918,9 +1025,10 @@ impl Approvals {
                         already_gone,
                         resumed,
                         refused_at_resume,
+                        name_held_by,
                     } => {
                         self.repo.remove_ownership(&tx, req).await?;
-                        let message = if let Some(refused) = refused_at_resume {
+                        let mut message = if let Some(refused) = refused_at_resume {
                             format!(
                                 "database `{}` had already been dropped by an interrupted earlier attempt of this request (or outside the service); its ownership row is removed. The re-check when resuming refused the request ({refused}), so nothing else was done",
                                 req.database_name
@@ -941,10 +1049,16 @@ impl Approvals {
                                 req.database_name
                             )
                         };
-                        (
-                            message,
-                            json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume }),
-                        )
+                        let mut payload = json!({ "effect": "dropped", "already_gone": already_gone, "resumed": resumed, "refused_at_resume": refused_at_resume });
+                        if let Some(oid) = name_held_by {
+                            message.push_str(&format!(
+                                ". Another database now holds the name `{}` (oid {oid}); this service did not create it, so it was not dropped and is not managed",
+                                req.database_name
+                            ));
+                            payload["unmanaged_database_oid_left_alone"] = (*oid).into();
+                            answer = Some(message.clone());
+                        }
+                        (message, payload)
                     }
                 };
                 let mut ev =
@@ -997,7 +1111,14 @@ impl Approvals {
             ),
             _ => info!(request_id = %req.id, state = %current.state, "apply finished"),
         }
-        Ok(self.report(&current))
+        let mut out = self.report(&current);
+        if let (true, ApprovalState::Applied, Some(message)) = (finished, current.state, answer) {
+            // A delete that removed only a stale registration: a database (someone
+            // else's) still exists under the name, and nothing was dropped.
+            out.message = message;
+            out.exists = true;
+        }
+        Ok(out)
     }
 
     fn report(&self, req: &ApprovalRequest) -> LifecycleOutcome {

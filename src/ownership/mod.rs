@@ -20,6 +20,10 @@ pub struct OwnedCall {
     /// The project's row names a database that was dropped and re-created outside
     /// the service (another oid); `ownership` is then None.
     pub replaced: bool,
+    /// Replaced, and the database the row recorded exists nowhere on the cluster
+    /// any more (by oid): the row is a stale registration. A delete of it removes
+    /// the row and drops nothing (the database under the name is not the service's).
+    pub stale: bool,
     pub plan: Plan,
 }
 
@@ -67,9 +71,23 @@ impl Ownerships {
             .admin
             .oid(&call.database.target, &call.database.name)
             .await?;
+        // A row that does not identify the database under the name: is the database
+        // it recorded still anywhere (renamed), or gone (dropped)?
+        let recorded_gone = match &ownership {
+            Some(o) if !o.identifies(current_oid) => match o.database_oid {
+                Some(oid) => self
+                    .admin
+                    .name_of_oid(&call.database.target, oid)
+                    .await?
+                    .is_none(),
+                None => false,
+            },
+            _ => false,
+        };
         Ok(Observed {
             ownership,
             current_oid,
+            recorded_gone,
         })
     }
 
@@ -110,6 +128,7 @@ impl Ownerships {
                     ownership: None,
                     exists,
                     replaced: false,
+                    stale: false,
                     plan: Plan::Queue,
                 });
             }
@@ -151,6 +170,9 @@ struct Observed {
     /// The caller's project's row (another project's was refused).
     ownership: Option<Ownership>,
     current_oid: Option<u32>,
+    /// The row does not identify the database under the name, and the database it
+    /// recorded (by oid) no longer exists on the cluster.
+    recorded_gone: bool,
 }
 
 /// Answers that say a database is not the service's (or not there): before one of
@@ -169,15 +191,20 @@ fn plan(call: CheckedCall, seen: Observed) -> Result<OwnedCall, ServiceError> {
     let Observed {
         mut ownership,
         current_oid,
+        recorded_gone,
     } = seen;
     // Dropped and re-created outside the service: the database under this name is
     // not the one the project owns, so it is treated as unmanaged.
     let replaced = ownership
         .as_ref()
         .is_some_and(|o| !o.identifies(current_oid));
-    if replaced {
-        ownership = None;
-    }
+    // And the project's own database is gone for good: its row is all that is left.
+    let stale = replaced && recorded_gone;
+    let stale_row = if replaced {
+        ownership.take().filter(|_| stale)
+    } else {
+        None
+    };
     let name = call.database.name.to_string();
     let registered_elsewhere = ownership
         .as_ref()
@@ -200,6 +227,25 @@ fn plan(call: CheckedCall, seen: Observed) -> Result<OwnedCall, ServiceError> {
             if let Some(registered) = registered_elsewhere {
                 return Err(ServiceError::RegisteredInOtherEnvironment { name, registered });
             }
+            if let Some(row) = &stale_row {
+                // The project's database was dropped outside the service and another
+                // database took its name: the delete removes the stale row, and never
+                // drops the other database (checked again by oid at apply).
+                if row.environment != call.environment {
+                    return Err(ServiceError::RegisteredInOtherEnvironment {
+                        name,
+                        registered: row.environment.clone(),
+                    });
+                }
+                return Ok(OwnedCall {
+                    call,
+                    ownership: None,
+                    exists,
+                    replaced,
+                    stale,
+                    plan: Plan::Queue,
+                });
+            }
             match (&ownership, exists) {
                 (None, true) => return Err(ServiceError::UnmanagedDatabase { name }),
                 (None, false) => {
@@ -218,6 +264,7 @@ fn plan(call: CheckedCall, seen: Observed) -> Result<OwnedCall, ServiceError> {
         ownership,
         exists,
         replaced,
+        stale,
         plan,
     })
 }
@@ -259,8 +306,12 @@ impl Ownerships {
                 "database `{name}` is registered to project `{}` but does not exist on the cluster (dropped outside the service?); create it again or delete to clean up",
                 call.project_id
             ),
+            (false, true) if owned.stale => format!(
+                "database `{name}` exists but is not the database this service created for project `{}` (it was dropped and re-created outside the service); it is not managed. The project's registration of the name is stale: a confirmed delete removes it and drops nothing",
+                call.project_id
+            ),
             (false, true) if owned.replaced => format!(
-                "database `{name}` exists but is not the database this service created for project `{}` (it was dropped and re-created outside the service); it is not managed",
+                "database `{name}` exists but is not the database this service created for project `{}` (it was renamed, or dropped and re-created, outside the service); it is not managed",
                 call.project_id
             ),
             (false, true) => format!("database `{name}` exists but is not managed by this service"),

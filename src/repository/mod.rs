@@ -596,12 +596,22 @@ impl Repository {
         Ok(n == 1)
     }
 
-    /// Mark the row `deleting` for this request (the delete intent).
-    pub async fn mark_deleting(&self, req: &ApprovalRequest) -> Result<bool> {
+    /// Mark the row `deleting` for this request (the delete intent). `current_oid` is
+    /// the oid of the database about to be dropped, which the row was just found to
+    /// identify: a row that has no oid yet (written before oids were recorded) gets
+    /// it, so that a resumed delete can tell "my database is gone" from "another
+    /// database holds the name" by identity.
+    pub async fn mark_deleting(
+        &self,
+        req: &ApprovalRequest,
+        current_oid: Option<u32>,
+    ) -> Result<bool> {
         let c = self.client().await?;
+        let oid = current_oid.map(i64::from);
         let n = c
             .execute(
-                "UPDATE project_databases SET state = 'deleting', request_id = $5, updated_at = now() \
+                "UPDATE project_databases SET state = 'deleting', request_id = $5, \
+                   database_oid = COALESCE(database_oid, $6), updated_at = now() \
                  WHERE target_cluster = $1 AND database_name = $2 AND project_id = $3 \
                    AND environment = $4",
                 &[
@@ -610,6 +620,7 @@ impl Repository {
                     &req.project_id,
                     &req.environment,
                     &req.id,
+                    &oid,
                 ],
             )
             .await

@@ -524,6 +524,23 @@ impl Caller {
         .map(|r| r.into_inner().events)
     }
 
+    /// Names of the databases ListDatabases lists for the caller's project.
+    pub async fn listed_databases(&self) -> Result<Vec<String>, Status> {
+        let mut c = self.client.clone();
+        c.list_databases(self.request(proto::ListDatabasesRequest {
+            page_size: 500,
+            ..Default::default()
+        }))
+        .await
+        .map(|r| {
+            r.into_inner()
+                .databases
+                .into_iter()
+                .map(|d| d.database_name)
+                .collect()
+        })
+    }
+
     pub async fn events_by_request(&self, rid: &str) -> Result<Vec<proto::FlowEvent>, Status> {
         let mut c = self.client.clone();
         c.list_flow_events(self.request(proto::ListFlowEventsRequest {
@@ -724,6 +741,59 @@ pub async fn event_types_for_correlation(server: &TestServer, correlation_id: &s
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// A flow_events row that carries a call's correlation id.
+#[derive(Debug, Clone)]
+pub struct CarryingRow {
+    pub event_type: String,
+    pub correlation_id: String,
+    pub request_id: Option<String>,
+    pub actor_id: String,
+    pub outcome: String,
+    pub project_id: String,
+    pub payload: serde_json::Value,
+}
+
+/// Every row of flow_events that carries `correlation_id`: recorded under it, or
+/// naming it in its payload (`decision_correlation_id` of a decision recorded under
+/// the request's id, `call_correlation_id` of `request.repeated`).
+pub async fn rows_carrying(server: &TestServer, correlation_id: &str) -> Vec<CarryingRow> {
+    server
+        .meta()
+        .await
+        .query(
+            "SELECT event_type, correlation_id, request_id::text AS request_id, actor_id, \
+                    outcome, project_id, payload::text AS payload \
+             FROM flow_events WHERE correlation_id = $1 \
+                OR payload->>'decision_correlation_id' = $1 \
+                OR payload->>'call_correlation_id' = $1 \
+             ORDER BY id",
+            &[&correlation_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| CarryingRow {
+            event_type: r.get("event_type"),
+            correlation_id: r.get("correlation_id"),
+            request_id: r.get("request_id"),
+            actor_id: r.get("actor_id"),
+            outcome: r.get("outcome"),
+            project_id: r.get("project_id"),
+            payload: serde_json::from_str(r.get::<_, &str>("payload")).unwrap(),
+        })
+        .collect()
+}
+
+/// The pg_database oid of a database on the target cluster, None when it does not exist.
+pub async fn oid_of(name: &str) -> Option<u32> {
+    target()
+        .await
+        .query_opt("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .unwrap()
+        .map(|r| r.get(0))
 }
 
 // ---- helpers for faults.rs, outage.rs, shutdown.rs and hostile.rs ----
