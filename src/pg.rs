@@ -117,6 +117,8 @@ impl BoundedPool {
             Err(PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle)) => {
                 Err(PgError::TimedOut(self.timeout))
             }
+            // The driver's own `connect_timeout` (TCP connect) fired.
+            Err(PoolError::Backend(e)) if is_timed_out(&e) => Err(PgError::TimedOut(self.timeout)),
             Err(e) => Err(PgError::Pool(e)),
         }
     }
@@ -124,6 +126,13 @@ impl BoundedPool {
     pub fn close(&self) {
         self.pool.close();
     }
+}
+
+/// An I/O timeout inside a driver error (its `connect_timeout`).
+fn is_timed_out(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// Build a deadpool-postgres pool from a URL, with `timeout` on connecting, waiting
