@@ -389,3 +389,99 @@ impl Statements for PgTx<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devcluster::TempCluster;
+
+    async fn backend_pid(c: &PgConn) -> i32 {
+        c.query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// A connection goes back to the pool only when its statements finished: one
+    /// timed out, or cut off by its caller, is closed and a new one is opened.
+    #[tokio::test]
+    async fn connections_cut_off_mid_statement_are_not_reused() {
+        let cluster = TempCluster::start().await.unwrap();
+        let url = SecretUrl::new(cluster.url("postgres"));
+        let pool = BoundedPool::new(&url, 2, Duration::from_millis(500)).unwrap();
+
+        // Finished statements: the same connection comes back.
+        let c = pool.get().await.unwrap();
+        let first = backend_pid(&c).await;
+        drop(c);
+        let c = pool.get().await.unwrap();
+        assert_eq!(backend_pid(&c).await, first, "a clean connection is reused");
+        assert_eq!(pool.pool.status().size, 1);
+
+        // A statement over the bound times out; the connection is not used again.
+        let err = c.batch_execute("SELECT pg_sleep(3)").await.unwrap_err();
+        assert!(matches!(err, PgError::TimedOut(d) if d == Duration::from_millis(500)));
+        assert!(matches!(
+            c.query_one("SELECT 1", &[]).await,
+            Err(PgError::TimedOut(_))
+        ));
+        drop(c);
+        assert_eq!(pool.pool.status().size, 0, "taken out of the pool");
+        let c = pool.get().await.unwrap();
+        let second = backend_pid(&c).await;
+        assert_ne!(
+            second, first,
+            "a timed-out connection is never handed out again"
+        );
+
+        // A longer bound for one statement (DDL, a lock wait) lets it finish.
+        c.stmts()
+            .within(Duration::from_secs(5))
+            .batch_execute("SELECT pg_sleep(1)")
+            .await
+            .unwrap();
+        c.stmts()
+            .waiting(Duration::from_secs(2))
+            .batch_execute("SELECT pg_sleep(1)")
+            .await
+            .unwrap();
+        drop(c);
+        let c = pool.get().await.unwrap();
+        assert_eq!(backend_pid(&c).await, second);
+
+        // Cut off by its caller (an outer timeout drops the statement's future).
+        let cut = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.stmts()
+                .within(Duration::from_secs(5))
+                .batch_execute("SELECT pg_sleep(3)"),
+        )
+        .await;
+        assert!(cut.is_err());
+        drop(c);
+        let c = pool.get().await.unwrap();
+        assert_ne!(
+            backend_pid(&c).await,
+            second,
+            "a cut-off connection is not reused"
+        );
+
+        // Same inside a transaction; a timed-out COMMIT or statement leaves nothing
+        // pending for the next caller.
+        let mut c = c;
+        let tx = c.transaction().await.unwrap();
+        let third: i32 = tx
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(matches!(
+            tx.execute("SELECT pg_sleep(3)", &[]).await,
+            Err(PgError::TimedOut(_))
+        ));
+        drop(tx);
+        drop(c);
+        let c = pool.get().await.unwrap();
+        assert_ne!(backend_pid(&c).await, third);
+    }
+}
