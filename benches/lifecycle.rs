@@ -153,14 +153,16 @@ async fn main() -> anyhow::Result<()> {
         }))
         .await?;
 
-    let raw_pool = db_lifecycle::admin::build_pool(
+    let raw_pool = db_lifecycle::pg::build_pool(
         &db_lifecycle::config::SecretUrl::new(cluster.url("bench_meta")),
         concurrency,
+        db_lifecycle::config::DEFAULT_DATABASE_TIMEOUT,
     )
     .map_err(anyhow::Error::msg)?;
-    let raw_admin = db_lifecycle::admin::build_pool(
+    let raw_admin = db_lifecycle::pg::build_pool(
         &db_lifecycle::config::SecretUrl::new(cluster.url("postgres")),
         concurrency,
+        db_lifecycle::config::DEFAULT_DATABASE_TIMEOUT,
     )
     .map_err(anyhow::Error::msg)?;
 

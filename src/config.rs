@@ -38,6 +38,16 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// Default `max_connections_per_peer` (lowered to `max_connections` when that is
 /// smaller): one host cannot take more than an eighth of the default cap.
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// Default `database_timeout`: connecting, waiting for a pooled connection, and each
+/// statement on the metadata database and each catalog statement on a target.
+pub const DEFAULT_DATABASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `ddl_timeout`: each CREATE/ALTER/DROP DATABASE on a target.
+pub const DEFAULT_DDL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bounds of `database_timeout` (a bound of minutes would be no bound for a caller).
+const DATABASE_TIMEOUT_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(600));
+/// Upper bound of `ddl_timeout`.
+const MAX_DDL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -153,6 +163,10 @@ struct FileConfig {
     recovery_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     shutdown_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    database_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    ddl_timeout: Option<Duration>,
     migrate_on_start: Option<bool>,
     admin_pool_size: Option<usize>,
     metadata_pool_size: Option<usize>,
@@ -262,6 +276,13 @@ pub struct Config {
     pub recovery_interval: Duration,
     /// How long in-flight calls may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Bound of connecting to PostgreSQL, waiting for a pooled connection, and of
+    /// each statement on the metadata database and each catalog statement on a
+    /// target (a lock wait gets its own wait on top).
+    pub database_timeout: Duration,
+    /// Bound of each CREATE/ALTER/DROP DATABASE on a target; at least
+    /// `database_timeout`.
+    pub ddl_timeout: Duration,
     pub migrate_on_start: bool,
     pub admin_pool_size: usize,
     pub metadata_pool_size: usize,
@@ -871,6 +892,33 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
     if request_ttl.is_zero() {
         return Err(invalid("request_ttl", "must be positive"));
     }
+    let database_timeout = file.database_timeout.unwrap_or(DEFAULT_DATABASE_TIMEOUT);
+    let (low, high) = DATABASE_TIMEOUT_RANGE;
+    if database_timeout < low || database_timeout > high {
+        return Err(invalid(
+            "database_timeout",
+            format!(
+                "must be between {} and {}, got {}",
+                humantime::format_duration(low),
+                humantime::format_duration(high),
+                humantime::format_duration(database_timeout)
+            ),
+        ));
+    }
+    let ddl_timeout = file
+        .ddl_timeout
+        .unwrap_or(DEFAULT_DDL_TIMEOUT.max(database_timeout));
+    if ddl_timeout < database_timeout || ddl_timeout > MAX_DDL_TIMEOUT {
+        return Err(invalid(
+            "ddl_timeout",
+            format!(
+                "must be between database_timeout ({}) and {}, got {}",
+                humantime::format_duration(database_timeout),
+                humantime::format_duration(MAX_DDL_TIMEOUT),
+                humantime::format_duration(ddl_timeout)
+            ),
+        ));
+    }
 
     Ok(Config {
         listen,
@@ -879,6 +927,8 @@ fn resolve(file: FileConfig, ov: &Overrides) -> Result<Config, ConfigError> {
         request_ttl,
         recovery_interval,
         shutdown_grace: file.shutdown_grace.unwrap_or(Duration::from_secs(20)),
+        database_timeout,
+        ddl_timeout,
         migrate_on_start: file.migrate_on_start.unwrap_or(true),
         admin_pool_size: file.admin_pool_size.unwrap_or(8),
         metadata_pool_size: file.metadata_pool_size.unwrap_or(24),
@@ -1183,6 +1233,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_connections_per_peer"), "{err}");
+    }
+
+    #[test]
+    fn database_and_ddl_timeouts_default_and_bounds() {
+        let parse =
+            |extra: &str| Config::from_toml(&format!("{}{extra}", base()), &Overrides::default());
+        let c = parse("").unwrap();
+        assert_eq!(c.database_timeout, DEFAULT_DATABASE_TIMEOUT);
+        assert_eq!(c.ddl_timeout, DEFAULT_DDL_TIMEOUT);
+        let c = parse("database_timeout = \"2s\"\nddl_timeout = \"2s\"\n").unwrap();
+        assert_eq!(c.database_timeout, Duration::from_secs(2));
+        assert_eq!(c.ddl_timeout, Duration::from_secs(2));
+        // A database_timeout above the default DDL bound raises the DDL bound with it.
+        let c = parse("database_timeout = \"10m\"\n").unwrap();
+        assert_eq!(c.ddl_timeout, Duration::from_secs(600));
+        for (extra, key, want) in [
+            (
+                "database_timeout = \"0s\"\n",
+                "database_timeout",
+                "between 100ms and 10m",
+            ),
+            (
+                "database_timeout = \"50ms\"\n",
+                "database_timeout",
+                "got 50ms",
+            ),
+            (
+                "database_timeout = \"11m\"\n",
+                "database_timeout",
+                "got 11m",
+            ),
+            (
+                "ddl_timeout = \"1s\"\n",
+                "ddl_timeout",
+                "database_timeout (5s)",
+            ),
+            ("ddl_timeout = \"2d\"\n", "ddl_timeout", "got 2days"),
+            ("database_timeout = \"soon\"\n", "database_timeout", ""),
+            ("ddl_timeout = 30\n", "ddl_timeout", ""),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+            assert!(err.contains(want), "{extra}: {err}");
+        }
     }
 
     #[test]

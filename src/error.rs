@@ -81,6 +81,17 @@ pub enum ServiceError {
     MetadataUnavailable { detail: String },
     #[error("target cluster `{target}` unavailable: {detail}; retry later")]
     TargetUnavailable { target: String, detail: String },
+    /// The metadata database did not answer within the bound (`database_timeout`):
+    /// frozen, overloaded, or behind a network that stopped delivering.
+    #[error("metadata database did not answer within {}; retry later", humantime::format_duration(*after))]
+    MetadataTimedOut { after: std::time::Duration },
+    /// A target cluster did not answer within the bound (`database_timeout`, or
+    /// `ddl_timeout` for CREATE/ALTER/DROP DATABASE).
+    #[error("target cluster `{target}` did not answer within {}; retry later", humantime::format_duration(*after))]
+    TargetTimedOut {
+        target: String,
+        after: std::time::Duration,
+    },
     /// A call had to wait for an apply of the same database that is still running.
     #[error("database `{name}` is being changed by an apply that is still running; retry later")]
     ApplyBusy { name: String },
@@ -119,6 +130,8 @@ impl ServiceError {
             }
             MetadataUnavailable { .. }
             | TargetUnavailable { .. }
+            | MetadataTimedOut { .. }
+            | TargetTimedOut { .. }
             | ApplyBusy { .. }
             | ShuttingDown => Code::Unavailable,
             Protocol { code, .. } => *code,
@@ -148,6 +161,7 @@ impl ServiceError {
     pub fn metadata(err: impl Into<DbError>) -> Self {
         match err.into() {
             DbError::Unreachable(detail) => ServiceError::MetadataUnavailable { detail },
+            DbError::TimedOut(after) => ServiceError::MetadataTimedOut { after },
             DbError::Other(detail) => ServiceError::Internal(detail),
         }
     }
@@ -158,6 +172,10 @@ impl ServiceError {
             DbError::Unreachable(detail) => ServiceError::TargetUnavailable {
                 target: target.to_string(),
                 detail,
+            },
+            DbError::TimedOut(after) => ServiceError::TargetTimedOut {
+                target: target.to_string(),
+                after,
             },
             DbError::Other(detail) => ServiceError::Internal(detail),
         }
@@ -179,7 +197,19 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
 #[derive(Debug)]
 pub enum DbError {
     Unreachable(String),
+    /// No answer within this bound (see `crate::pg`).
+    TimedOut(std::time::Duration),
     Other(String),
+}
+
+impl From<crate::pg::PgError> for DbError {
+    fn from(e: crate::pg::PgError) -> Self {
+        match e {
+            crate::pg::PgError::Db(e) => e.into(),
+            crate::pg::PgError::Pool(e) => e.into(),
+            crate::pg::PgError::TimedOut(after) => DbError::TimedOut(after),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for DbError {

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod mcp;
 pub mod ownership;
+pub mod pg;
 pub mod policy;
 pub mod repository;
 pub mod server;

@@ -11,11 +11,12 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::{
-    admin::{AdminClient, build_pool},
+    admin::AdminClient,
     approvals::Approvals,
     audit::Audit,
     config::Config,
     ownership::Ownerships,
+    pg::BoundedPool,
     policy::Policy,
     proto::database_lifecycle_server::DatabaseLifecycleServer,
     repository::{Repository, migrate::migrate},
@@ -70,13 +71,28 @@ pub async fn run(
             info!(?applied, "migrations applied");
         }
     }
-    let meta_pool =
-        build_pool(&config.metadata_url, config.metadata_pool_size).map_err(anyhow::Error::msg)?;
-    let lock_pool =
-        build_pool(&config.metadata_url, config.metadata_pool_size).map_err(anyhow::Error::msg)?;
+    // Everything awaited from PostgreSQL is bounded (`crate::pg`): a database that
+    // stops answering makes calls UNAVAILABLE within the bound instead of hanging.
+    let meta_pool = BoundedPool::new(
+        &config.metadata_url,
+        config.metadata_pool_size,
+        config.database_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let lock_pool = BoundedPool::new(
+        &config.metadata_url,
+        config.metadata_pool_size,
+        config.database_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
     let repo = Repository::new(meta_pool.clone(), lock_pool.clone());
-    let admin =
-        AdminClient::new(&config.targets, config.admin_pool_size).map_err(anyhow::Error::msg)?;
+    let admin = AdminClient::new(
+        &config.targets,
+        config.admin_pool_size,
+        config.database_timeout,
+        config.ddl_timeout,
+    )
+    .map_err(anyhow::Error::msg)?;
     let policy = Arc::new(Policy::new(config.clone()).map_err(anyhow::Error::msg)?);
     let audit = Audit::new(repo.clone(), config.unauthenticated_audit);
     let ownership = Ownerships::new(repo.clone(), admin.clone());

@@ -1,9 +1,13 @@
 //! The pooled admin connection to each target cluster: CREATE/DROP DATABASE and
 //! catalog facts. Names arrive as `DatabaseName` (validated) and are always quoted.
+//!
+//! Every statement is bounded (`crate::pg`): catalog reads by `database_timeout`,
+//! CREATE/ALTER/DROP DATABASE by the more generous `ddl_timeout`. A target that does
+//! not answer within the bound is UNAVAILABLE (`target cluster … did not answer
+//! within …`).
 
 use std::{collections::BTreeMap, time::Duration};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 
 pub mod tls;
@@ -12,36 +16,17 @@ use crate::{
     config::SecretUrl,
     domain::{DatabaseFacts, DatabaseName},
     error::ServiceError,
+    pg::{BoundedPool, PgConn, PgError, Statements},
 };
 
-/// Connect timeouts are short so that an unreachable cluster fails fast (UNAVAILABLE).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The unique index on `pg_database.datname`. A CREATE DATABASE or a rename racing
+/// another of the same name (such as one left running on the server by an apply that
+/// timed out) can fail on it instead of with `duplicate_database`.
+const DATNAME_INDEX: &str = "pg_database_datname_index";
 
-/// Build a deadpool-postgres pool from a URL. Nothing connects until first use.
-pub fn build_pool(url: &SecretUrl, max_size: usize) -> Result<Pool, String> {
-    let mut cfg = url.pg_config()?;
-    cfg.connect_timeout(CONNECT_TIMEOUT);
-    cfg.keepalives(true);
-    cfg.keepalives_idle(Duration::from_secs(30));
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("db-lifecycle");
-    }
-    let connector = url.tls()?.connector()?;
-    let manager = Manager::from_config(
-        cfg,
-        connector,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(max_size.max(1))
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(CONNECT_TIMEOUT))
-        .create_timeout(Some(CONNECT_TIMEOUT))
-        .recycle_timeout(Some(CONNECT_TIMEOUT))
-        .build()
-        .map_err(|e| e.to_string())
+/// The database name is taken: `duplicate_database`, or the unique index said so.
+fn name_taken(e: &PgError) -> bool {
+    e.code() == Some(&SqlState::DUPLICATE_DATABASE) || e.is_unique_violation(DATNAME_INDEX)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,23 +40,37 @@ pub enum RenameOutcome {
     Renamed,
     /// A database with the new name exists already.
     NameTaken,
+    /// No database has the old name (any more): renamed or dropped meanwhile, for
+    /// example by a rename of an earlier attempt that the server finished after that
+    /// attempt had timed out.
+    SourceMissing,
 }
 
 #[derive(Clone)]
 pub struct AdminClient {
-    pools: BTreeMap<String, Pool>,
+    pools: BTreeMap<String, BoundedPool>,
+    /// Bound of CREATE/ALTER/DROP DATABASE (`ddl_timeout`).
+    ddl_timeout: Duration,
 }
 
 impl AdminClient {
-    pub fn new(targets: &BTreeMap<String, SecretUrl>, pool_size: usize) -> Result<Self, String> {
+    /// One pool per target; `timeout` bounds connecting, waiting for a connection and
+    /// each catalog statement (`database_timeout`), `ddl_timeout` each DDL statement.
+    pub fn new(
+        targets: &BTreeMap<String, SecretUrl>,
+        pool_size: usize,
+        timeout: Duration,
+        ddl_timeout: Duration,
+    ) -> Result<Self, String> {
         let mut pools = BTreeMap::new();
         for (name, url) in targets {
             pools.insert(
                 name.clone(),
-                build_pool(url, pool_size).map_err(|e| format!("target `{name}`: {e}"))?,
+                BoundedPool::new(url, pool_size, timeout)
+                    .map_err(|e| format!("target `{name}`: {e}"))?,
             );
         }
-        Ok(Self { pools })
+        Ok(Self { pools, ddl_timeout })
     }
 
     /// Whether this replica has a pool for (is configured with) the target.
@@ -85,7 +84,7 @@ impl AdminClient {
         }
     }
 
-    async fn client(&self, target: &str) -> Result<deadpool_postgres::Client, ServiceError> {
+    async fn client(&self, target: &str) -> Result<PgConn, ServiceError> {
         let pool = self.pools.get(target).ok_or_else(|| {
             ServiceError::Internal(format!("no admin pool for target `{target}`"))
         })?;
@@ -199,11 +198,9 @@ impl AdminClient {
         let c = self.client(target).await?;
         // Identifier quoted; DDL cannot take bind parameters.
         let sql = format!("CREATE DATABASE {}", name.quoted());
-        match c.batch_execute(&sql).await {
+        match c.stmts().within(self.ddl_timeout).batch_execute(&sql).await {
             Ok(()) => Ok(EnsureOutcome::Created),
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {
-                Ok(EnsureOutcome::AlreadyExisted)
-            }
+            Err(e) if name_taken(&e) => Ok(EnsureOutcome::AlreadyExisted),
             Err(e) => Err(ServiceError::target(target, e)),
         }
     }
@@ -218,10 +215,11 @@ impl AdminClient {
     ) -> Result<RenameOutcome, ServiceError> {
         let c = self.client(target).await?;
         let sql = format!("ALTER DATABASE {} RENAME TO {}", from.quoted(), to.quoted());
-        match c.batch_execute(&sql).await {
+        match c.stmts().within(self.ddl_timeout).batch_execute(&sql).await {
             Ok(()) => Ok(RenameOutcome::Renamed),
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {
-                Ok(RenameOutcome::NameTaken)
+            Err(e) if name_taken(&e) => Ok(RenameOutcome::NameTaken),
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_DATABASE) => {
+                Ok(RenameOutcome::SourceMissing)
             }
             Err(e) => Err(ServiceError::target(target, e)),
         }
@@ -236,7 +234,9 @@ impl AdminClient {
         let existed = self.exists(target, name).await?;
         let c = self.client(target).await?;
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", name.quoted());
-        c.batch_execute(&sql)
+        c.stmts()
+            .within(self.ddl_timeout)
+            .batch_execute(&sql)
             .await
             .map_err(|e| ServiceError::target(target, e))?;
         Ok(existed)

@@ -62,7 +62,7 @@ pub const FAULT_POINTS: [&str; 6] = [
 const SYSTEM_ACTOR: &str = crate::policy::SYSTEM_ACTOR_ID;
 const SYSTEM_KIND: &str = "system";
 /// How long an Approve waits for another apply of the same database to finish.
-const APPLY_LOCK_TIMEOUT: &str = "30s";
+const APPLY_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -682,8 +682,9 @@ impl Approvals {
         if !locked && wait_for_lock {
             return Err(ServiceError::MetadataUnavailable {
                 detail: format!(
-                    "another apply of `{}` has held its lock for over {APPLY_LOCK_TIMEOUT}",
-                    req.database_name
+                    "another apply of `{}` has held its lock for over {}",
+                    req.database_name,
+                    humantime::format_duration(APPLY_LOCK_TIMEOUT)
                 ),
             });
         }
@@ -794,6 +795,16 @@ impl Approvals {
                         self.abandon_create(req).await?;
                         return Err(ServiceError::UnmanagedDatabaseExists {
                             name: db.name.to_string(),
+                        });
+                    }
+                    // Renamed meanwhile (a rename of an earlier attempt that timed out
+                    // and that the server finished later) or dropped: the next attempt
+                    // finds the database under its name by its recorded oid, or starts
+                    // over.
+                    Ok(RenameOutcome::SourceMissing) => {
+                        return Err(ServiceError::TargetUnavailable {
+                            target: target.clone(),
+                            detail: format!("database `{staging}` vanished while being renamed"),
                         });
                     }
                     Err(e) => {

@@ -163,7 +163,7 @@ impl Ownerships {
 /// How many times a settled check looks for a running apply or waits for its lock.
 const SETTLE_ATTEMPTS: usize = 3;
 /// How long a settled check waits for an apply of the same name to finish.
-const SETTLE_LOCK_TIMEOUT: &str = "10s";
+const SETTLE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What [`Ownerships::observe`] read.
 struct Observed {

@@ -1,9 +1,13 @@
-//! All SQL on the service's own metadata tables. Every statement is parameterized.
+//! All SQL on the service's own metadata tables. Every statement is parameterized,
+//! and bounded in time (`crate::pg`): by `database_timeout`, or for a lock wait by
+//! the wait plus `database_timeout`. A metadata database that does not answer within
+//! the bound is UNAVAILABLE (`metadata database did not answer within …`).
 
 pub mod migrate;
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
-use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -11,20 +15,13 @@ use uuid::Uuid;
 use crate::{
     domain::{Action, ApprovalMode, ApprovalRequest, ApprovalState, Ownership},
     error::ServiceError,
+    pg::{BoundedPool, PgConn, PgTx, Statements},
 };
 
 type Result<T> = std::result::Result<T, ServiceError>;
 
 fn meta<E: Into<crate::error::DbError>>(e: E) -> ServiceError {
     ServiceError::metadata(e)
-}
-
-/// SQLSTATE 23505: a unique constraint said no.
-fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
-            && db.constraint() == Some(constraint)
-    })
 }
 
 const REQUEST_COLUMNS: &str = "id, correlation_id, action, state, environment, target_cluster, \
@@ -158,26 +155,26 @@ pub struct RequestFilter {
 pub enum LockWait {
     /// Not at all.
     Try,
-    /// Up to this long (a PostgreSQL interval, e.g. `30s`).
-    Wait(&'static str),
+    /// Up to this long (the statement's bound is this plus `database_timeout`).
+    Wait(Duration),
 }
 
 #[derive(Clone)]
 pub struct Repository {
-    pool: Pool,
+    pool: BoundedPool,
     /// Connections that hold an apply's advisory lock for the whole apply. A pool of
     /// their own, so applies holding locks can never starve the statements they wait
     /// for (no hold-and-wait on one pool).
-    lock_pool: Pool,
+    lock_pool: BoundedPool,
 }
 
 impl Repository {
-    pub fn new(pool: Pool, lock_pool: Pool) -> Self {
+    pub fn new(pool: BoundedPool, lock_pool: BoundedPool) -> Self {
         Self { pool, lock_pool }
     }
 
     /// A connection for holding an apply lock (see `lock_pool`).
-    pub async fn lock_client(&self) -> Result<deadpool_postgres::Client> {
+    pub async fn lock_client(&self) -> Result<PgConn> {
         self.lock_pool.get().await.map_err(meta)
     }
 
@@ -186,10 +183,10 @@ impl Repository {
     /// until `tx` (on a [`Self::lock_client`] connection) ends, so a crash or a dropped
     /// connection releases it and it never leaks into the pool. Returns false when
     /// the lock was not taken: at once for [`LockWait::Try`], or after `Wait`'s
-    /// `lock_timeout` (a PostgreSQL interval such as `30s`).
+    /// duration (the transaction's `lock_timeout`).
     pub async fn take_apply_lock(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &PgTx<'_>,
         target: &str,
         name: &str,
         wait: LockWait,
@@ -198,10 +195,15 @@ impl Repository {
         match wait {
             LockWait::Wait(timeout) => {
                 // set_config instead of SET LOCAL: the value is a bind parameter.
-                tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&timeout])
+                let millis = format!("{}ms", timeout.as_millis());
+                tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&millis])
                     .await
                     .map_err(meta)?;
+                // The server gives up after `timeout`; the client waits that long
+                // plus its usual bound for the answer.
                 match tx
+                    .stmts()
+                    .waiting(timeout)
                     .execute(
                         "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                         &[&key],
@@ -229,17 +231,13 @@ impl Repository {
         }
     }
 
-    pub fn pool(&self) -> &Pool {
-        &self.pool
-    }
-
-    pub async fn client(&self) -> Result<deadpool_postgres::Client> {
+    pub async fn client(&self) -> Result<PgConn> {
         self.pool.get().await.map_err(meta)
     }
 
     pub async fn ping(&self) -> Result<()> {
         let c = self.client().await?;
-        c.simple_query("SELECT 1").await.map_err(meta)?;
+        c.batch_execute("SELECT 1").await.map_err(meta)?;
         Ok(())
     }
 
@@ -305,7 +303,7 @@ impl Repository {
                     tx.commit().await.map_err(meta)?;
                     return Ok(InsertOutcome::Inserted(request_from_row(&row)?));
                 }
-                Err(e) if is_unique_violation(&e, "approval_requests_one_open_per_database") => {
+                Err(e) if e.is_unique_violation("approval_requests_one_open_per_database") => {
                     drop(tx);
                     if let Some(open) = self
                         .open_request_for(&r.target_cluster, &r.database_name)
@@ -419,7 +417,7 @@ impl Repository {
     /// false when the request was no longer approved (someone else finished it).
     pub async fn finish(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &PgTx<'_>,
         id: Uuid,
         to: ApprovalState,
         failure_reason: Option<&str>,
@@ -630,7 +628,7 @@ impl Repository {
 
     pub async fn activate_ownership(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &PgTx<'_>,
         req: &ApprovalRequest,
         database_oid: Option<i64>,
     ) -> Result<()> {
@@ -650,11 +648,7 @@ impl Repository {
     }
 
     /// Undo a `deleting` intent written by this request (the delete failed for good).
-    pub async fn revert_deleting(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        req: &ApprovalRequest,
-    ) -> Result<()> {
+    pub async fn revert_deleting(&self, tx: &PgTx<'_>, req: &ApprovalRequest) -> Result<()> {
         tx.execute(
             "UPDATE project_databases SET state = 'active', updated_at = now() \
              WHERE target_cluster = $1 AND database_name = $2 AND request_id = $3 \
@@ -666,11 +660,7 @@ impl Repository {
         Ok(())
     }
 
-    pub async fn remove_ownership(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        req: &ApprovalRequest,
-    ) -> Result<u64> {
+    pub async fn remove_ownership(&self, tx: &PgTx<'_>, req: &ApprovalRequest) -> Result<u64> {
         tx.execute(
             "DELETE FROM project_databases \
              WHERE target_cluster = $1 AND database_name = $2 AND project_id = $3",
@@ -831,7 +821,7 @@ fn event_params(ev: &NewEvent) -> [&(dyn tokio_postgres::types::ToSql + Sync); 1
     ]
 }
 
-pub async fn insert_event<C: GenericClient>(c: &C, ev: &NewEvent) -> Result<()> {
+pub async fn insert_event<C: Statements>(c: &C, ev: &NewEvent) -> Result<()> {
     match (&ev.run_id, &ev.payload) {
         (Some(run_id), Value::Object(map)) if !map.contains_key("run_id") => {
             let mut with_run = ev.clone();
@@ -890,7 +880,7 @@ fn expired_event(r: &ApprovalRequest) -> NewEvent {
     }
 }
 
-async fn insert_link<C: GenericClient>(
+async fn insert_link<C: Statements>(
     c: &C,
     correlation_id: &str,
     request_id: Option<Uuid>,
@@ -917,7 +907,7 @@ async fn insert_link<C: GenericClient>(
     Ok(())
 }
 
-async fn expire_due_for<C: GenericClient>(c: &C, target: &str, name: &str) -> Result<()> {
+async fn expire_due_for<C: Statements>(c: &C, target: &str, name: &str) -> Result<()> {
     let rows = c
         .query(
             &format!(
